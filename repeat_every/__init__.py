@@ -1,0 +1,39 @@
+"""Periodic jobs for asyncio and FastAPI: no drift, no overlap, no silent failure.
+
+``@repeat_every(seconds=...)`` turns a ``def`` or ``async def`` into a periodic job; calling
+the result starts it and returns a handle. :func:`lifespan` and :func:`run_tasks` tie jobs to
+an application's life. ``repeat_every.testing`` steps every job in virtual time.
+
+Importing this package loads only the standard library (no FastAPI, Starlette, Redis or
+database driver): integrations import their dependencies when they are used.
+"""
+
+from ._claims import ClaimStore as ClaimStore
+from ._claims import StoreErrorPolicy as StoreErrorPolicy
+from ._decorator import repeat_every as repeat_every
+from ._lifespan import lifespan as lifespan
+from ._lifespan import run_tasks as run_tasks
+from ._policy import Retry as Retry
+from ._policy import RunTimeoutError as RunTimeoutError
+from ._records import RunRecord as RunRecord
+from ._records import TaskState as TaskState
+from ._task import PeriodicTask as PeriodicTask
+from ._task import TaskHandle as TaskHandle
+from ._task import running_handles as running_handles
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClaimStore",
+    "PeriodicTask",
+    "Retry",
+    "RunRecord",
+    "RunTimeoutError",
+    "StoreErrorPolicy",
+    "TaskHandle",
+    "TaskState",
+    "lifespan",
+    "repeat_every",
+    "run_tasks",
+    "running_handles",
+]

@@ -1,0 +1,82 @@
+"""Plain records of what a task did: one per attempt, and a snapshot of a task's state."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Literal
+
+Outcome = Literal["ok", "failed", "timeout", "cancelled"]
+"""How an attempt ended: returned, raised, exceeded its ``timeout``, or was cancelled."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One attempt of one run of a periodic task.
+
+    Times are seconds on the task's monotonic clock (virtual seconds since the start under a
+    ``FakeClock``). ``scheduled`` is the tick the run belongs to (the same for every attempt
+    of a run); ``started``/``ended`` are when this attempt began and ended. ``wall_started``
+    is the wall-clock instant the attempt began (what ``datetime.now()`` said inside it, when
+    the wall clock is kept in step).
+    """
+
+    task: str
+    index: int
+    """0 for the first run of the task, 1 for the second, …; retries share their run's index."""
+    attempt: int
+    """1 for the first attempt of a run, 2 for its first retry, …"""
+    scheduled: float
+    started: float
+    ended: float
+    outcome: Outcome
+    exception: BaseException | None
+    wall_started: dt.datetime
+
+    @property
+    def ok(self) -> bool:
+        """Whether the attempt returned normally."""
+        return self.outcome == "ok"
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """A snapshot of a running (or ended) task, cheap to take and safe to serialise.
+
+    ``runs`` counts runs that happened (a run with retries counts once; failed runs count);
+    ``failures`` counts runs whose last attempt failed; ``retries`` counts extra attempts;
+    ``skipped`` counts ticks that were not run because the previous run overran them (or, with
+    a claim store, because the store was unreachable).
+    """
+
+    name: str
+    running: bool
+    runs: int
+    failures: int
+    retries: int
+    skipped: int
+    elsewhere: int
+    """Ticks another process claimed (with a claim store)."""
+    last_exception: BaseException | None
+    next_run: float | None
+    """Monotonic instant of the next run, ``None`` when no run is planned."""
+    next_run_at: dt.datetime | None
+    """Wall-clock (UTC) instant of the next run, ``None`` when no run is planned."""
+    last_started_at: dt.datetime | None
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready dictionary (what the demo's ``GET /tasks`` returns)."""
+        return {
+            "name": self.name,
+            "running": self.running,
+            "runs": self.runs,
+            "failures": self.failures,
+            "retries": self.retries,
+            "skipped": self.skipped,
+            "elsewhere": self.elsewhere,
+            "last_error": None if self.last_exception is None else repr(self.last_exception),
+            "next_run_at": None if self.next_run_at is None else self.next_run_at.isoformat(),
+            "last_started_at": (
+                None if self.last_started_at is None else self.last_started_at.isoformat()
+            ),
+        }

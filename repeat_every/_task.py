@@ -1,0 +1,601 @@
+"""The periodic task (what the decorator returns) and its handle (one running loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as dt
+import functools
+import inspect
+import logging
+import random
+import sys
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._policy import Retry, RunTimeoutError
+from ._records import Outcome, RunRecord, TaskState
+from ._schedule import NS, Schedule, Tick, to_ns
+from ._timebase import SystemTimebase, Timebase, default_timebase
+
+if TYPE_CHECKING:
+    from ._claims import ClaimStore, StoreErrorPolicy
+    from ._schedule import Plan
+
+R = TypeVar("R")
+
+log = logging.getLogger("repeat_every")
+"""The library's logger: failures are logged here when the task has no ``logger`` of its own."""
+
+Hook = Callable[..., Any]
+
+# Every running loop, so none is garbage-collected while it runs (asyncio keeps only weak
+# references to tasks). A handle leaves the set when its loop ends.
+_RUNNING: set[TaskHandle] = set()
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Everything the decorator validated, in the form the loop uses."""
+
+    name: str
+    schedule: Schedule
+    is_async: bool
+    logger: logging.Logger | logging.LoggerAdapter[Any] | None
+    raise_exceptions: bool
+    max_repetitions: int | None
+    on_complete: Hook | None
+    on_exception: Hook | None
+    timebase: Timebase | None  # None: the process-wide default, read at start
+    timeout: float | None
+    retry: Retry | None
+    jitter: float
+    seed: int | None
+    store: ClaimStore | None
+    on_store_error: StoreErrorPolicy
+    claim_ttl: float | None
+
+
+class PeriodicTask(Generic[R]):
+    """A function turned into a periodic job by :func:`repeat_every` or :func:`repeat_at`.
+
+    Calling it (with no arguments) starts its loop in the background on the running event
+    loop and returns a :class:`TaskHandle`; ``await task()`` also works, as in fastapi-utils'
+    documentation. It can be started again once its loop has ended, and in several event
+    loops at once, but only once per event loop at a time: two loops of the same job in one
+    event loop would overlap, which is what this library exists to prevent.
+    """
+
+    def __init__(self, func: Callable[[], R], options: TaskOptions) -> None:
+        self._func = func
+        self._options = options
+        self._handle: TaskHandle | None = None
+        functools.update_wrapper(self, func)
+
+    @property
+    def name(self) -> str:
+        """The task's name: in logs, in run records, and as its key in claim stores."""
+        return self._options.name
+
+    @property
+    def schedule(self) -> Schedule:
+        """When the task runs."""
+        return self._options.schedule
+
+    @property
+    def handle(self) -> TaskHandle | None:
+        """The handle of the most recently started loop (``None`` before the first start)."""
+        return self._handle
+
+    def __call__(self) -> TaskHandle:
+        return self.start()
+
+    def start(self) -> TaskHandle:
+        """Start the loop on the running event loop and return its handle."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{self.name}: a periodic task starts on a running event loop; call it from "
+                "async code (a FastAPI lifespan or startup handler, or inside asyncio.run())"
+            ) from None
+        current = self._handle
+        if current is not None and current._loop is loop and not current.done:
+            raise RuntimeError(
+                f"{self.name} is already running in this event loop; stop it first "
+                "(handle.stop()) or use its handle (task.handle)"
+            )
+        timebase = self._options.timebase or default_timebase()
+        handle = TaskHandle(self, timebase, loop)
+        self._handle = handle
+        return handle
+
+    def __repr__(self) -> str:
+        return f"<PeriodicTask {self.name} {self.schedule.describe()}>"
+
+
+class _Stopped(Exception):
+    """Internal: the loop was asked to stop while it waited."""
+
+
+class _LoopEnd(Exception):
+    """Internal: the loop ends with ``error`` (raise_exceptions, or a hook raised)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class TaskHandle:
+    """One running loop of a :class:`PeriodicTask`.
+
+    Users may rely on:
+
+    - :meth:`stop` lets the current run finish and starts no new one; :meth:`cancel` also
+      cancels an ``async def`` run in progress (a ``def`` run in its thread cannot be
+      interrupted and finishes in the background).
+    - ``await handle.wait()`` returns when the loop has ended and re-raises the exception that
+      ended it (``raise_exceptions=True`` or a hook that raised). An ending exception that
+      nobody is awaiting goes to the event loop's exception handler instead: it never
+      disappears.
+    - The counters and :attr:`state` are safe to read at any moment from the event loop's
+      thread; :attr:`state` is a consistent snapshot.
+    - The library holds a strong reference to the handle while its loop runs.
+    - ``await handle`` returns the handle at once (so ``await task()`` works).
+    """
+
+    def __init__(
+        self, task: PeriodicTask[Any], timebase: Timebase, loop: asyncio.AbstractEventLoop
+    ):
+        self._periodic = task
+        self._opts = task._options
+        self._timebase = timebase
+        self._loop = loop
+        self._runs = 0
+        self._failures = 0
+        self._retries = 0
+        self._skipped = 0
+        self._elsewhere = 0
+        self._last_exception: BaseException | None = None
+        self._exception: BaseException | None = None  # what ended the loop
+        self._next: Tick | None = None
+        self._last_started_wall: float | None = None
+        self._stop_requested = False
+        self._cancel_requested = False
+        self._sleeping = False  # in an interruptible wait: stop() may cancel it
+        self._interrupting = False  # stop() cancelled that wait
+        self._waiters = 0
+        self._rng = random.Random(self._opts.seed)
+        self._task: asyncio.Task[None] = loop.create_task(
+            self._main(), name=f"repeat_every:{self._opts.name}"
+        )
+        _RUNNING.add(self)
+        self._task.add_done_callback(self._ended)
+        timebase.task_started(self._task)
+
+    # -- public surface ------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The task's name."""
+        return self._opts.name
+
+    @property
+    def task(self) -> PeriodicTask[Any]:
+        """The periodic task this loop runs."""
+        return self._periodic
+
+    @property
+    def runs(self) -> int:
+        """Runs done so far (failed runs included; a retried run counts once)."""
+        return self._runs
+
+    @property
+    def failures(self) -> int:
+        """Runs whose last attempt failed."""
+        return self._failures
+
+    @property
+    def retries(self) -> int:
+        """Extra attempts made by the retry policy."""
+        return self._retries
+
+    @property
+    def skipped(self) -> int:
+        """Ticks not run because a run overran them or the claim store failed."""
+        return self._skipped
+
+    @property
+    def elsewhere(self) -> int:
+        """Ticks another process claimed (with a claim store)."""
+        return self._elsewhere
+
+    @property
+    def last_exception(self) -> BaseException | None:
+        """The exception of the most recent failed run, if any."""
+        return self._last_exception
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception that ended the loop, if one did."""
+        return self._exception
+
+    @property
+    def next_run(self) -> float | None:
+        """Monotonic instant (seconds) of the next planned run; ``None`` if none is planned."""
+        return None if self._next is None else self._next.deadline / NS
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop is still alive."""
+        return not self._task.done()
+
+    @property
+    def done(self) -> bool:
+        """Whether the loop has ended (for any reason)."""
+        return self._task.done()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the loop ended by cancellation."""
+        return self._task.cancelled()
+
+    @property
+    def state(self) -> TaskState:
+        """A snapshot of the counters, the last error and the next run."""
+        next_at: dt.datetime | None = None
+        if self._next is not None:
+            wall = self._timebase.wall() + (self._next.deadline / NS - self._timebase.monotonic())
+            next_at = dt.datetime.fromtimestamp(wall, dt.timezone.utc)
+        last = self._last_started_wall
+        return TaskState(
+            name=self.name,
+            running=self.running,
+            runs=self._runs,
+            failures=self._failures,
+            retries=self._retries,
+            skipped=self._skipped,
+            elsewhere=self._elsewhere,
+            last_exception=self._last_exception,
+            next_run=self.next_run,
+            next_run_at=next_at,
+            last_started_at=None
+            if last is None
+            else dt.datetime.fromtimestamp(last, dt.timezone.utc),
+        )
+
+    def stop(self) -> None:
+        """Let the current run (and its retries) finish, then end; no new run starts.
+
+        Safe to call from any thread, from inside the job, and more than once.
+        """
+        if self._in_other_thread():
+            self._loop.call_soon_threadsafe(self.stop)
+            return
+        if self._task.done() or self._stop_requested:
+            return
+        self._stop_requested = True
+        if self._sleeping:
+            self._interrupting = True
+            self._task.cancel()
+
+    def cancel(self) -> None:
+        """End the loop now, cancelling an ``async def`` run in progress. Safe from any thread."""
+        if self._in_other_thread():
+            self._loop.call_soon_threadsafe(self.cancel)
+            return
+        if not self._task.done():
+            self._cancel_requested = True
+            self._task.cancel()
+
+    async def wait(self) -> None:
+        """Wait for the loop to end; re-raise the exception that ended it, if any.
+
+        Returns normally after :meth:`stop`, :meth:`cancel`, ``max_repetitions``, or a
+        cancellation from outside (such as the event loop shutting down). Cancelling the
+        waiter does not cancel the loop.
+        """
+        self._waiters += 1
+        try:
+            await asyncio.wait((self._task,))
+        finally:
+            self._waiters -= 1
+        if self._exception is not None:
+            raise self._exception
+
+    async def aclose(self) -> None:
+        """:meth:`stop`, then wait for the end without raising (failures were reported)."""
+        self.stop()
+        await asyncio.wait((self._task,))
+
+    def __await__(self) -> Generator[Any, None, TaskHandle]:
+        return self._started().__await__()
+
+    async def _started(self) -> TaskHandle:
+        return self
+
+    def __repr__(self) -> str:
+        status = "running" if self.running else "ended"
+        return f"<TaskHandle {self.name} {status} runs={self._runs} failures={self._failures}>"
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _in_other_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is not self._loop
+        except RuntimeError:
+            return True
+
+    def _now(self) -> int:
+        return to_ns(self._timebase.monotonic())
+
+    def _logger(self) -> logging.Logger | logging.LoggerAdapter[Any]:
+        return self._opts.logger or log
+
+    async def _main(self) -> None:
+        opts = self._opts
+        plan = opts.schedule.plan(self._timebase)
+        try:
+            tick = plan.first(self._now())
+            while True:
+                self._next = tick
+                await self._wait_for(plan, tick)
+                if opts.jitter:
+                    await self._sleep_interruptibly(self._rng.random() * opts.jitter)
+                if opts.store is not None and not await self._claim(plan, tick):
+                    tick, _ = plan.after(tick, self._now())
+                    continue
+                self._next = None
+                await self._run(plan, tick)
+                self._runs += 1
+                if opts.max_repetitions is not None and self._runs >= opts.max_repetitions:
+                    break
+                if self._stop_requested:
+                    break
+                tick, skipped = plan.after(tick, self._now())
+                if skipped:
+                    self._skipped += skipped
+                    self._logger().warning(
+                        "%s: the run took longer than its period; skipped %d tick(s)",
+                        opts.name,
+                        skipped,
+                    )
+        except _Stopped:
+            pass
+        except _LoopEnd as end:
+            self._next = None
+            self._end_with(end.error)
+            return
+        finally:
+            self._next = None
+        if opts.on_complete is not None:
+            try:
+                await _call(opts.on_complete)
+            except Exception as exc:
+                self._logger().exception("%s: on_complete raised", opts.name)
+                self._end_with(exc)
+
+    async def _wait_for(self, plan: Plan, tick: Tick) -> None:
+        """Sleep until ``tick`` is due (re-checking, so early wake-ups and clock jumps count)."""
+        while True:
+            if self._stop_requested:
+                raise _Stopped
+            remaining = plan.remaining(tick, self._now())
+            if remaining <= 0:
+                return
+            await self._sleep_interruptibly(remaining / NS)
+
+    async def _sleep_interruptibly(self, seconds: float) -> None:
+        if self._stop_requested:
+            raise _Stopped
+        self._sleeping = True
+        try:
+            await self._timebase.sleep(seconds)
+        except asyncio.CancelledError:
+            if not self._interrupting:
+                raise
+            self._interrupting = False
+            if sys.version_info >= (3, 11):
+                self._task.uncancel()
+            raise _Stopped from None
+        finally:
+            self._sleeping = False
+
+    async def _claim(self, plan: Plan, tick: Tick) -> bool:
+        opts = self._opts
+        assert opts.store is not None
+        assert tick.key is not None
+        ttl = opts.claim_ttl or max(60.0, 2 * (plan.following(tick) - tick.deadline) / NS)
+        try:
+            won = await opts.store.claim(opts.name, tick.key, ttl)
+        except Exception:
+            if opts.on_store_error == "run":
+                self._logger().warning(
+                    "%s: claim store failed; running tick %d anyway (on_store_error='run')",
+                    opts.name,
+                    tick.key,
+                    exc_info=True,
+                )
+                return True
+            self._skipped += 1
+            self._logger().error(
+                "%s: claim store failed; skipping tick %d (on_store_error='skip')",
+                opts.name,
+                tick.key,
+                exc_info=True,
+            )
+            return False
+        if not won:
+            self._elsewhere += 1
+        return bool(won)
+
+    async def _run(self, plan: Plan, tick: Tick) -> None:
+        """One run: its attempts, retries, logging, hooks. Raises _LoopEnd to end the loop."""
+        opts = self._opts
+        timebase = self._timebase
+        attempt = 1
+        while True:
+            started = self._now()
+            self._last_started_wall = timebase.wall()
+            outcome, error = await self._attempt()
+            if timebase.wants_records:
+                timebase.run_finished(
+                    RunRecord(
+                        task=opts.name,
+                        index=self._runs,
+                        attempt=attempt,
+                        scheduled=tick.deadline / NS,
+                        started=started / NS,
+                        ended=timebase.monotonic(),
+                        outcome=outcome,
+                        exception=error,
+                        wall_started=dt.datetime.fromtimestamp(
+                            self._last_started_wall, dt.timezone.utc
+                        ),
+                    )
+                )
+            if error is None:
+                return
+            retry = opts.retry
+            if retry is not None and attempt < retry.attempts and isinstance(error, retry.on):
+                delay = retry.delay(attempt, self._rng)
+                limit = plan.following(tick)
+                if self._now() + to_ns(delay) < limit and not self._stop_requested:
+                    self._retries += 1
+                    self._logger().warning(
+                        "%s: attempt %d failed (%r); retrying in %g s",
+                        opts.name,
+                        attempt,
+                        error,
+                        delay,
+                        exc_info=error,
+                    )
+                    attempt += 1
+                    try:
+                        await self._sleep_interruptibly(delay)
+                    except _Stopped:
+                        # Stopped during the backoff: the run failed; the loop ends after it.
+                        self._stop_requested = True
+                    else:
+                        continue
+                else:
+                    self._logger().warning(
+                        "%s: no retry of attempt %d: the next tick comes first", opts.name, attempt
+                    )
+            await self._failed(error)
+            return
+
+    async def _failed(self, error: BaseException) -> None:
+        opts = self._opts
+        self._failures += 1
+        self._last_exception = error
+        self._logger().error("%s: run %d failed: %r", opts.name, self._runs, error, exc_info=error)
+        if opts.on_exception is not None:
+            try:
+                await _call(opts.on_exception, error)
+            except Exception as hook_error:
+                self._logger().exception("%s: on_exception raised; the loop ends", opts.name)
+                raise _LoopEnd(hook_error) from hook_error
+        if opts.raise_exceptions:
+            raise _LoopEnd(error)
+
+    async def _attempt(self) -> tuple[Outcome, BaseException | None]:
+        func = self._periodic._func
+        timeout = self._opts.timeout
+        try:
+            if self._opts.is_async:
+                if timeout is None:
+                    await func()
+                else:
+                    await self._with_timeout(asyncio.ensure_future(func()), timeout, False)
+            else:
+                ctx = contextvars.copy_context()
+                future = self._loop.run_in_executor(None, ctx.run, func)
+                if timeout is None:
+                    result = await future
+                else:
+                    result = await self._with_timeout(future, timeout, True)
+                if inspect.isawaitable(result):
+                    await result
+        except RunTimeoutError as exc:
+            return "timeout", exc
+        except Exception as exc:
+            return "failed", exc
+        return "ok", None
+
+    async def _with_timeout(self, job: asyncio.Future[Any], timeout: float, in_thread: bool) -> Any:
+        timebase = self._timebase
+        timebase.track(job)
+        timer = self._loop.create_task(_sleep(timebase, timeout))
+        timebase.track(timer)
+        try:
+            with timebase.waiting():
+                await asyncio.wait((job, timer), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            job.cancel()
+            timer.cancel()
+            raise
+        if job.done():
+            timer.cancel()
+            await asyncio.wait((timer,))
+            return job.result()
+        error = RunTimeoutError(f"{self._opts.name}: run exceeded its timeout of {timeout:g} s")
+        if in_thread:
+            self._logger().error(
+                "%s: run exceeded its timeout of %g s; a def job cannot be interrupted, so the "
+                "next run waits until its thread returns",
+                self._opts.name,
+                timeout,
+            )
+            with timebase.waiting():
+                await asyncio.wait((job,))
+            if not job.cancelled() and job.exception() is not None:
+                self._logger().error(
+                    "%s: the timed-out run later raised", self._opts.name, exc_info=job.exception()
+                )
+        else:
+            job.cancel()
+            with timebase.waiting():
+                await asyncio.wait((job,))
+        raise error
+
+    def _end_with(self, error: BaseException) -> None:
+        """The loop ends with ``error``: keep it for wait(), or hand it to the event loop."""
+        self._exception = error
+        if self._waiters == 0:
+            self._loop.call_exception_handler(
+                {
+                    "message": f"periodic task {self._opts.name!r} ended with an exception "
+                    "(await its handle's wait() to receive it instead)",
+                    "exception": error,
+                    "task": self._task,
+                }
+            )
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        _RUNNING.discard(self)
+
+
+async def _sleep(timebase: Timebase, seconds: float) -> None:
+    await timebase.sleep(seconds)
+
+
+async def _call(hook: Hook, *args: Any) -> None:
+    result = hook(*args)
+    if inspect.isawaitable(result):
+        await result
+
+
+def running_handles() -> frozenset[TaskHandle]:
+    """Every loop alive in this process (all event loops)."""
+    return frozenset(_RUNNING)
+
+
+def system_timebase(
+    clock: Callable[[], float] | None, sleep: Callable[[float], Awaitable[Any]] | None
+) -> Timebase | None:
+    """The timebase for injected ``clock``/``sleep`` (``None``: use the default at start)."""
+    if clock is None and sleep is None:
+        return None
+    return SystemTimebase(clock, sleep)

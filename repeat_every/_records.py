@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Outcome = Literal["ok", "failed", "timeout", "cancelled"]
 """How an attempt ended: returned, raised, exceeded its ``timeout``, or was cancelled."""
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """One attempt of one run of a periodic task.
+class RunRecord(NamedTuple):
+    """One attempt of one run of a periodic task (immutable).
 
-    Times are seconds on the task's monotonic clock (virtual seconds since the start under a
-    ``FakeClock``). ``scheduled`` is the tick the run belongs to (the same for every attempt
-    of a run); ``started``/``ended`` are when this attempt began and ended. ``wall_started``
-    is the wall-clock instant the attempt began (what ``datetime.now()`` said inside it, when
-    the wall clock is kept in step).
+    Times are seconds on the task's monotonic clock (virtual seconds since the clock was
+    created, under a ``FakeClock``). ``scheduled`` is the tick the run belongs to (the same for
+    every attempt of a run); ``started``/``ended`` are when this attempt began and ended;
+    ``wall`` is the wall-clock instant it began, in seconds since the epoch (what
+    ``datetime.now()`` said inside it, when the wall clock is kept in step).
     """
 
     task: str
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index, which records never need
     """0 for the first run of the task, 1 for the second, …; retries share their run's index."""
     attempt: int
     """1 for the first attempt of a run, 2 for its first retry, …"""
@@ -31,12 +30,17 @@ class RunRecord:
     ended: float
     outcome: Outcome
     exception: BaseException | None
-    wall_started: dt.datetime
+    wall: float
 
     @property
     def ok(self) -> bool:
         """Whether the attempt returned normally."""
         return self.outcome == "ok"
+
+    @property
+    def wall_started(self) -> dt.datetime:
+        """:attr:`wall` as an aware UTC datetime."""
+        return dt.datetime.fromtimestamp(self.wall, dt.timezone.utc)
 
 
 @dataclass(frozen=True)

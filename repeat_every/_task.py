@@ -167,6 +167,7 @@ class TaskHandle:
         self._interrupting = False  # stop() cancelled that wait
         self._waiters = 0
         self._rng = random.Random(self._opts.seed)
+        self._records = timebase.wants_records
         self._task: asyncio.Task[None] = loop.create_task(
             self._main(), name=f"repeat_every:{self._opts.name}"
         )
@@ -327,8 +328,12 @@ class TaskHandle:
         except RuntimeError:
             return True
 
+    def _stopping(self) -> bool:
+        # A method, not the attribute: stop() may set it while the loop awaits.
+        return self._stop_requested
+
     def _now(self) -> int:
-        return to_ns(self._timebase.monotonic())
+        return self._timebase.monotonic_ns()
 
     def _logger(self) -> logging.Logger | logging.LoggerAdapter[Any]:
         return self._opts.logger or log
@@ -340,18 +345,22 @@ class TaskHandle:
             tick = plan.first(self._now())
             while True:
                 self._next = tick
-                await self._wait_for(plan, tick)
+                # Sleep until the tick is due, re-checking: early wake-ups and clock jumps.
+                while (remaining := plan.remaining(tick, self._now())) > 0:
+                    await self._sleep_interruptibly(remaining / NS)
                 if opts.jitter:
                     await self._sleep_interruptibly(self._rng.random() * opts.jitter)
                 if opts.store is not None and not await self._claim(plan, tick):
                     tick, _ = plan.after(tick, self._now())
                     continue
+                if self._stopping():
+                    break
                 self._next = None
                 await self._run(plan, tick)
                 self._runs += 1
                 if opts.max_repetitions is not None and self._runs >= opts.max_repetitions:
                     break
-                if self._stop_requested:
+                if self._stopping():
                     break
                 tick, skipped = plan.after(tick, self._now())
                 if skipped:
@@ -375,16 +384,6 @@ class TaskHandle:
             except Exception as exc:
                 self._logger().exception("%s: on_complete raised", opts.name)
                 self._end_with(exc)
-
-    async def _wait_for(self, plan: Plan, tick: Tick) -> None:
-        """Sleep until ``tick`` is due (re-checking, so early wake-ups and clock jumps count)."""
-        while True:
-            if self._stop_requested:
-                raise _Stopped
-            remaining = plan.remaining(tick, self._now())
-            if remaining <= 0:
-                return
-            await self._sleep_interruptibly(remaining / NS)
 
     async def _sleep_interruptibly(self, seconds: float) -> None:
         if self._stop_requested:
@@ -439,20 +438,18 @@ class TaskHandle:
             started = self._now()
             self._last_started_wall = timebase.wall()
             outcome, error = await self._attempt()
-            if timebase.wants_records:
+            if self._records:
                 timebase.run_finished(
                     RunRecord(
-                        task=opts.name,
-                        index=self._runs,
-                        attempt=attempt,
-                        scheduled=tick.deadline / NS,
-                        started=started / NS,
-                        ended=timebase.monotonic(),
-                        outcome=outcome,
-                        exception=error,
-                        wall_started=dt.datetime.fromtimestamp(
-                            self._last_started_wall, dt.timezone.utc
-                        ),
+                        opts.name,
+                        self._runs,
+                        attempt,
+                        tick.deadline / NS,
+                        started / NS,
+                        timebase.monotonic(),
+                        outcome,
+                        error,
+                        self._last_started_wall,
                     )
                 )
             if error is None:

@@ -35,6 +35,9 @@ class Timebase(Protocol):
     def monotonic(self) -> float:
         """Monotonic seconds; only differences between two readings mean anything."""
 
+    def monotonic_ns(self) -> int:
+        """:meth:`monotonic` in integer nanoseconds (what the loop reads)."""
+
     def sleep(self, seconds: float) -> Awaitable[Any]:
         """Wait ``seconds`` (a value ≤ 0 only yields to the event loop)."""
 
@@ -61,16 +64,21 @@ class Timebase(Protocol):
 class SystemTimebase:
     """Real time: :func:`time.monotonic`, :func:`asyncio.sleep` and :func:`time.time`.
 
-    Notifications are ignored. ``time.time`` is looked up at each call, so freezegun and
-    time-machine move the wall clock that cron schedules read.
+    Notifications are ignored. The time functions are looked up at each call, so freezegun
+    and time-machine move the wall clock that cron schedules read.
     """
 
     def __init__(self, clock: ClockFunc | None = None, sleep: SleepFunc | None = None) -> None:
-        self._clock = clock if clock is not None else time.monotonic
+        self._clock = clock  # None: time.monotonic, looked up at each call
         self._sleep: SleepFunc = sleep if sleep is not None else asyncio.sleep
 
     def monotonic(self) -> float:
-        return self._clock()
+        return time.monotonic() if self._clock is None else self._clock()
+
+    def monotonic_ns(self) -> int:
+        if self._clock is None:
+            return time.monotonic_ns()
+        return round(self._clock() * 1_000_000_000)
 
     def sleep(self, seconds: float) -> Awaitable[Any]:
         return self._sleep(seconds)

@@ -392,8 +392,8 @@ class TaskHandle:
         try:
             await self._timebase.sleep(seconds)
         except asyncio.CancelledError:
-            if not self._interrupting:
-                raise
+            if not self._interrupting or self._cancel_requested:
+                raise  # a real cancellation (cancel(), or the event loop shutting down)
             self._interrupting = False
             if sys.version_info >= (3, 11):
                 self._task.uncancel()

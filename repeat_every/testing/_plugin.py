@@ -1,12 +1,18 @@
-"""The pytest plugin registered by the ``pytest11`` entry point: the ``fake_clock`` fixture."""
+"""The pytest plugin registered by the ``pytest11`` entry point: the ``fake_clock`` fixture.
+
+pytest imports this module before coverage measurement starts, so it imports the library only
+when the fixture is used (and the library's own coverage is measured).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from ._fake_clock import FakeClock
+if TYPE_CHECKING:
+    from ._fake_clock import FakeClock
 
 
 @pytest.fixture
@@ -18,5 +24,7 @@ def fake_clock() -> Iterator[FakeClock]:
     wall time starts at the real current time, or at the frozen time when freezegun or
     time-machine is active; for another start, build your own ``FakeClock(start=...)``.
     """
+    from ._fake_clock import FakeClock
+
     with FakeClock() as clock:
         yield clock

@@ -24,7 +24,7 @@ def repeat_every(
     _func: object = None,
     /,
     *,
-    seconds: Seconds,
+    seconds: Seconds | None = None,
     wait_first: bool | Seconds | None = False,
     logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     raise_exceptions: bool = False,
@@ -87,6 +87,8 @@ def repeat_every(
             "repeat_every must be called with its arguments: write @repeat_every(seconds=60), "
             "not @repeat_every"
         )
+    if seconds is None:
+        raise TypeError("repeat_every needs the period: write @repeat_every(seconds=60)")
     period = seconds_of(seconds, "seconds")
     first_delay = _first_delay(wait_first, period)
     aligned = _check_align(align, store, fixed_delay, wait_first)

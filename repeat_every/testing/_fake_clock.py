@@ -18,7 +18,7 @@ import itertools
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -50,11 +50,12 @@ class _Activity:
 
     future: asyncio.Future[Any]
     order: int  # start order: breaks ties between deadlines
-    asleep: bool = False
+    sleep: asyncio.Future[None] | None = None  # the clock future it sleeps on, until woken
     waiting: int = 0
 
     def quiet(self) -> bool:
-        return self.asleep or self.waiting > 0 or self.future.done()
+        sleep = self.sleep
+        return (sleep is not None and not sleep.done()) or self.waiting > 0 or self.future.done()
 
     def describe(self) -> str:
         future = self.future
@@ -63,16 +64,9 @@ class _Activity:
         return "a worker thread (a def job or its timeout)"
 
 
-@dataclass(eq=False, slots=True)
-class _Sleeper:
-    deadline: int
-    future: asyncio.Future[None]
-    activity: _Activity
-    dead: bool = False
-
-
-# The heap holds (deadline, start order, sequence, sleeper): tuples compare in C.
-_Entry = tuple[int, int, int, _Sleeper]
+# A sleeper in the heap: (deadline, start order, sequence, future, activity); tuples compare
+# in C. An entry whose future is done (woken, or cancelled) is dead and dropped lazily.
+_Entry = tuple[int, int, int, "asyncio.Future[None]", _Activity]
 
 
 class RunHistory(Sequence[RunRecord]):
@@ -234,7 +228,7 @@ class FakeClock:
     def deadlines(self) -> list[float]:
         """The pending wake-up instants (virtual seconds), earliest first, with repeats."""
         with self._lock:
-            return sorted(e[0] / NS for e in self._sleepers if not e[3].dead)
+            return sorted(e[0] / NS for e in self._sleepers if not e[3].done())
 
     @property
     def history(self) -> RunHistory:
@@ -260,32 +254,27 @@ class FakeClock:
         """Virtual wall-clock seconds since the Unix epoch."""
         return (self._wall_base + self._now) / NS
 
-    async def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> Awaitable[None]:
         """Wait ``seconds`` of virtual time; a job in a test may await this to take time.
 
+        Returns an awaitable (a future: wrap it in a coroutine to pass it to ``create_task``).
         ``seconds <= 0`` only yields to the event loop, like :func:`asyncio.sleep`.
         """
         if seconds <= 0:
-            await asyncio.sleep(0)
-            return
-        loop = asyncio.get_running_loop()
+            return asyncio.sleep(0)
         task = asyncio.current_task()
-        assert task is not None, "FakeClock.sleep must be awaited inside a task"
-        future: asyncio.Future[None] = loop.create_future()
+        if task is None:
+            raise RuntimeError("FakeClock.sleep() must be awaited inside an asyncio task")
+        future: asyncio.Future[None] = task.get_loop().create_future()
         with self._lock:
             activity = self._activities.get(task) or self._track(task)
             deadline = self._now + to_ns(seconds)
-            sleeper = _Sleeper(deadline, future, activity)
-            heapq.heappush(self._sleepers, (deadline, activity.order, next(self._seq), sleeper))
-            activity.asleep = True
+            heapq.heappush(
+                self._sleepers, (deadline, activity.order, next(self._seq), future, activity)
+            )
+            activity.sleep = future
             self._notify()
-        try:
-            await future
-        finally:
-            with self._lock:
-                sleeper.dead = True
-                activity.asleep = False
-                self._notify()
+        return future
 
     def task_started(self, task: asyncio.Task[Any]) -> None:
         with self._lock:
@@ -459,33 +448,33 @@ class FakeClock:
 
     def _drop_dead(self) -> None:
         sleepers = self._sleepers
-        while sleepers and sleepers[0][3].dead:
+        while sleepers and sleepers[0][3].done():
             heapq.heappop(sleepers)
 
-    def _next_due(self, target: int, travel: Any) -> list[_Sleeper]:
+    def _next_due(self, target: int, travel: Any) -> list[asyncio.Future[None]]:
         """Move to the next deadline ≤ ``target`` and take its sleepers (or move to target)."""
         with self._lock:
             self._drop_dead()
             sleepers = self._sleepers
             if not sleepers or sleepers[0][0] > target:
                 self._now = max(self._now, target)
-                due: list[_Sleeper] = []
+                due: list[asyncio.Future[None]] = []
             else:
                 self._now = max(self._now, sleepers[0][0])
                 due = []
                 while sleepers and sleepers[0][0] <= self._now:
-                    sleeper = heapq.heappop(sleepers)[3]
-                    if not sleeper.dead:
-                        sleeper.dead = True
-                        sleeper.activity.asleep = False
-                        due.append(sleeper)
+                    _, _, _, future, activity = heapq.heappop(sleepers)
+                    if not future.done():
+                        activity.sleep = None  # busy from now on, even before it resumes
+                        due.append(future)
         if travel is not None:
             travel.move_to(self.now_datetime)
         return due
 
-    def _wake(self, due: list[_Sleeper], loop: asyncio.AbstractEventLoop | None) -> None:
-        for sleeper in due:
-            future = sleeper.future
+    def _wake(
+        self, due: list[asyncio.Future[None]], loop: asyncio.AbstractEventLoop | None
+    ) -> None:
+        for future in due:
             future_loop = future.get_loop()
             if future_loop is loop:
                 _resolve(future)

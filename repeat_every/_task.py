@@ -299,7 +299,7 @@ class TaskHandle:
         """
         self._waiters += 1
         try:
-            await asyncio.wait((self._task,))
+            await self._timebase.join(self._task)
         finally:
             self._waiters -= 1
         if self._exception is not None:
@@ -308,7 +308,7 @@ class TaskHandle:
     async def aclose(self) -> None:
         """:meth:`stop`, then wait for the end without raising (failures were reported)."""
         self.stop()
-        await asyncio.wait((self._task,))
+        await self._timebase.join(self._task)
 
     def __await__(self) -> Generator[Any, None, TaskHandle]:
         return self._started().__await__()

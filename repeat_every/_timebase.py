@@ -53,6 +53,9 @@ class Timebase(Protocol):
     def waiting(self) -> contextlib.AbstractContextManager[None]:
         """The current task waits only on activities it tracked."""
 
+    async def join(self, task: asyncio.Task[Any]) -> None:
+        """Wait until a periodic task's loop has ended (``TaskHandle.wait()`` uses this)."""
+
     @property
     def wants_records(self) -> bool:
         """Whether :meth:`run_finished` wants a record of every attempt."""
@@ -94,6 +97,9 @@ class SystemTimebase:
 
     def waiting(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
+
+    async def join(self, task: asyncio.Task[Any]) -> None:
+        await asyncio.wait((task,))
 
     @property
     def wants_records(self) -> bool:

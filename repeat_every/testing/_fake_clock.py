@@ -178,7 +178,9 @@ class FakeClock:
         self._install_stack = contextlib.ExitStack()
         self._installed = False
         self._waiter_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._blocked = 0  # threads waiting in _wait_quiet
+        self._blocked = 0  # threads waiting on _changed
+        self._moves = 0  # how many times time moved or tasks were woken
+        self._closed = False
 
     # -- installing --------------------------------------------------------------------------
 
@@ -199,6 +201,9 @@ class FakeClock:
             return
         self._installed = False
         self._install_stack.close()
+        with self._lock:
+            self._closed = True  # release threads still waiting on _changed
+            self._changed.notify_all()
         if self._waiter_pool is not None:
             self._waiter_pool.shutdown(wait=False, cancel_futures=True)
             self._waiter_pool = None
@@ -299,6 +304,44 @@ class FakeClock:
             with self._lock:
                 activity.waiting -= 1
 
+    async def join(self, task: asyncio.Task[Any]) -> None:
+        """Wait for a task's loop to end; raise RunStalledError if that needs virtual time.
+
+        A loop that is stopping may still have a run in progress sleeping on this clock; only
+        an advance can end it. If the clock stands still for ``timeout`` real seconds while
+        the loop has not ended, waiting longer would hang the test.
+        """
+        while not task.done():
+            moves = self._moves
+            watcher = task.get_loop().run_in_executor(
+                self._pool(), self._wait_end_or_move, task, moves
+            )
+            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and watcher.done() and self._moves == moves:
+                raise RunStalledError(
+                    f"FakeClock: {task.get_name()!r} has not ended after {self._timeout:g} s of "
+                    f"real time, and the clock stood still at {self.now:g} s. It waits for "
+                    "virtual time (a run in progress sleeps on the clock, or the loop was never "
+                    "asked to stop): advance the clock, or cancel() the task."
+                )
+
+    def _wait_end_or_move(self, task: asyncio.Task[Any], moves: int) -> None:
+        with self._lock:
+            self._blocked += 1
+            try:
+                self._changed.wait_for(
+                    lambda: self._closed or task.done() or self._moves != moves, self._timeout
+                )
+            finally:
+                self._blocked -= 1
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._waiter_pool is None:
+            self._waiter_pool = concurrent.futures.ThreadPoolExecutor(
+                2, thread_name_prefix="repeat_every-fakeclock"
+            )
+        return self._waiter_pool
+
     @property
     def wants_records(self) -> bool:
         return True
@@ -363,11 +406,7 @@ class FakeClock:
             await asyncio.sleep(0)
             if self._quiet():
                 return
-        if self._waiter_pool is None:
-            self._waiter_pool = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="repeat_every-fakeclock"
-            )
-        quiet = await loop.run_in_executor(self._waiter_pool, self._wait_quiet)
+        quiet = await loop.run_in_executor(self._pool(), self._wait_quiet)
         if not quiet:
             self._stalled()
 
@@ -422,7 +461,7 @@ class FakeClock:
         with self._lock:
             self._blocked += 1
             try:
-                return self._changed.wait_for(self._quiet, self._timeout)
+                return self._changed.wait_for(lambda: self._closed or self._quiet(), self._timeout)
             finally:
                 self._blocked -= 1
 
@@ -467,6 +506,8 @@ class FakeClock:
                     if not future.done():
                         activity.sleep = None  # busy from now on, even before it resumes
                         due.append(future)
+            self._moves += 1
+            self._notify()
         if travel is not None:
             travel.move_to(self.now_datetime)
         return due

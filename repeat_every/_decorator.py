@@ -90,6 +90,8 @@ def repeat_every(
     if seconds is None:
         raise TypeError("repeat_every needs the period: write @repeat_every(seconds=60)")
     period = seconds_of(seconds, "seconds")
+    if to_ns(period) == 0:  # the loop counts in integer nanoseconds
+        raise ValueError(f"seconds must be at least one nanosecond (1e-9), got {seconds!r}")
     first_delay = _first_delay(wait_first, period)
     aligned = _check_align(align, store, fixed_delay, wait_first)
     schedule: Schedule
@@ -179,7 +181,7 @@ def decorator_for(
     if store is not None and not isinstance(store, ClaimStore):
         raise TypeError(
             f"store must be a claim store with an async claim(task, tick, ttl) method "
-            f"(e.g. repeat_every.SQLiteClaimStore(path)), not {store!r}"
+            f"(e.g. repeat_every.stores.SQLiteClaimStore(path)), not {store!r}"
         )
     if store is not None and not schedule.keyed:
         raise ValueError(
@@ -280,6 +282,11 @@ def _check_job(func: object) -> bool:
         )
     if not callable(func):
         raise TypeError(f"repeat_every decorates a function, not {type(func).__name__} ({func!r})")
+    if isinstance(func, PeriodicTask):
+        raise TypeError(
+            f"{func!r} is already a periodic task: decorate the function with one "
+            "@repeat_every/@repeat_at only"
+        )
     target: Any = func
     while isinstance(target, functools.partial):
         target = target.func

@@ -59,8 +59,9 @@ class Retry:
     """No wait is longer than this (before jitter)."""
     jitter: float = 0.0
     """A random extra wait in ``[0, jitter)`` seconds, so replicas do not retry in step."""
-    on: tuple[type[BaseException], ...] = field(default=(Exception,))
-    """The exception types that are retried; anything else fails the run at once."""
+    on: type[BaseException] | tuple[type[BaseException], ...] = field(default=(Exception,))
+    """The exception types that are retried (one class, or a tuple; kept as a tuple);
+    anything else fails the run at once."""
 
     def __post_init__(self) -> None:
         if (

@@ -7,6 +7,7 @@ nanoseconds on the task's monotonic clock, so a grid never accumulates rounding 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +28,19 @@ def to_ns(seconds: float) -> int:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def wall_ns(timebase: Timebase) -> int:
+    """The wall clock of ``timebase`` in integer nanoseconds since the epoch.
+
+    ``wall()`` is a float, which near 1.7e9 s resolves about a quarter of a microsecond, and
+    ``round(seconds * 1e9)`` would lose another hundred nanoseconds in the product; whole and
+    fractional seconds are converted apart, so an instant the float holds exactly (a whole
+    second, a quarter second) lands on its exact nanosecond.
+    """
+    seconds = timebase.wall()
+    whole = math.floor(seconds)
+    return whole * NS + round((seconds - whole) * NS)
 
 
 @dataclass(slots=True)  # not frozen: frozen __init__ costs a microsecond per tick
@@ -192,7 +206,7 @@ class _AlignedPlan:
         self._tolerance = min(_TOLERANCE_NS, period // 2)
 
     def _wall(self) -> int:
-        return to_ns(self._timebase.wall()) - self._offset
+        return wall_ns(self._timebase) - self._offset
 
     def _tick(self, key: int, now: int, wall: int, index: int) -> Tick:
         return Tick(now + key * self._period - wall, index, key)

@@ -71,7 +71,9 @@ class PeriodicTask(Generic[R]):
         self._func = func
         self._options = options
         self._handle: TaskHandle | None = None
-        functools.update_wrapper(self, func)
+        # updated=(): copying the job's __dict__ would let a callable object's attributes
+        # (say its own ``_options``) overwrite this task's.
+        functools.update_wrapper(self, func, updated=())
 
     @property
     def name(self) -> str:
@@ -269,8 +271,11 @@ class TaskHandle:
     def stop(self) -> None:
         """Let the current run (and its retries) finish, then end; no new run starts.
 
-        Safe to call from any thread, from inside the job, and more than once.
+        Safe to call from any thread, from inside the job, and more than once; does
+        nothing once the loop has ended (even if its event loop is closed).
         """
+        if self._task.done():
+            return
         if self._in_other_thread():
             self._loop.call_soon_threadsafe(self.stop)
             return
@@ -283,12 +288,13 @@ class TaskHandle:
 
     def cancel(self) -> None:
         """End the loop now, cancelling an ``async def`` run in progress. Safe from any thread."""
+        if self._task.done():
+            return
         if self._in_other_thread():
             self._loop.call_soon_threadsafe(self.cancel)
             return
-        if not self._task.done():
-            self._cancel_requested = True
-            self._task.cancel()
+        self._cancel_requested = True
+        self._task.cancel()
 
     async def wait(self) -> None:
         """Wait for the loop to end; re-raise the exception that ended it, if any.
@@ -507,8 +513,7 @@ class TaskHandle:
                 else:
                     await self._with_timeout(asyncio.ensure_future(func()), timeout, False)
             else:
-                ctx = contextvars.copy_context()
-                future = self._loop.run_in_executor(None, ctx.run, func)
+                future = _in_thread(self._loop, func)
                 if timeout is None:
                     result = await future
                 else:
@@ -519,6 +524,13 @@ class TaskHandle:
             return "timeout", exc
         except Exception as exc:
             return "failed", exc
+        except asyncio.CancelledError as exc:
+            # Nobody cancelled the loop: the job raised it (say, it awaited a future someone
+            # else cancelled). That is a failure, not the end of the loop. Python 3.10 cannot
+            # tell the two apart (no Task.cancelling()), so there it still ends the loop.
+            if sys.version_info >= (3, 11) and not self._task.cancelling():
+                return "failed", exc
+            raise
         return "ok", None
 
     async def _with_timeout(self, job: asyncio.Future[Any], timeout: float, in_thread: bool) -> Any:
@@ -561,17 +573,26 @@ class TaskHandle:
         """The loop ends with ``error``: keep it for wait(), or hand it to the event loop."""
         self._exception = error
         if self._waiters == 0:
+            # No "task" key: this runs inside the task, and on Python ≥ 3.12 the event loop
+            # would run a custom handler in that task's context, which is already entered
+            # ("cannot enter context"): the handler would never see the exception.
             self._loop.call_exception_handler(
                 {
                     "message": f"periodic task {self._opts.name!r} ended with an exception "
                     "(await its handle's wait() to receive it instead)",
                     "exception": error,
-                    "task": self._task,
                 }
             )
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         _RUNNING.discard(self)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            # The loop itself crashed (a bug, or a broken injected clock or sleep). Reading
+            # task.exception() keeps asyncio from warning "exception was never retrieved";
+            # report the crash like any exception that ends the loop.
+            self._logger().error("%s: the loop crashed", self._opts.name, exc_info=error)
+            self._end_with(error)
 
 
 async def _sleep(timebase: Timebase, seconds: float) -> None:
@@ -579,14 +600,39 @@ async def _sleep(timebase: Timebase, seconds: float) -> None:
 
 
 async def _call(hook: Hook, *args: Any) -> None:
-    result = hook(*args)
+    """Call a hook: an async one on the loop, a sync one in a worker thread (as fastapi-utils
+    does: a hook that blocks, such as one sending an alert, must not block the event loop)."""
+    if inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(type(hook).__call__):
+        result = hook(*args)
+    else:
+        result = await _in_thread(asyncio.get_running_loop(), hook, *args)
     if inspect.isawaitable(result):
         await result
 
 
+def _in_thread(
+    loop: asyncio.AbstractEventLoop, func: Callable[..., Any], *args: Any
+) -> asyncio.Future[Any]:
+    """Run ``func(*args)`` in the default executor, in a copy of the current context."""
+    return loop.run_in_executor(
+        None, contextvars.copy_context().run, _no_stop_iteration, func, *args
+    )
+
+
+def _no_stop_iteration(func: Callable[..., Any], *args: Any) -> Any:
+    # asyncio cannot put StopIteration into a Future: the future would never resolve and the
+    # loop would hang. Convert it as PEP 479 does for coroutines.
+    try:
+        return func(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{func!r} raised StopIteration") from exc
+
+
 def running_handles() -> frozenset[TaskHandle]:
     """Every loop alive in this process (all event loops)."""
-    return frozenset(_RUNNING)
+    # A loop that has just ended leaves _RUNNING only when its done callback runs, one
+    # event-loop step later; it is not alive in the meantime.
+    return frozenset(h for h in list(_RUNNING) if not h.done)
 
 
 def system_timebase(

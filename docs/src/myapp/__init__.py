@@ -1,0 +1,1 @@
+"""The application the testing guide's examples test (stands for yours)."""

@@ -1,0 +1,1 @@
+"""Runnable examples of repeat-every. Not installed with the package: run them from a clone."""

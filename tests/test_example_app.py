@@ -1,0 +1,231 @@
+"""The demo app (examples/tokens_app): a real FastAPI app on a real SQLite file, under TestClient.
+
+Virtual time starts on Monday 2025-01-06 at 07:30 UTC (08:30 in Paris). The clean-up runs on
+the hour (a claim store aligns it to the wall clock), the report at 09:00 Paris time (08:00
+UTC in winter). The last test runs the demo command itself with four worker processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from servers import free_port
+from sqlalchemy import create_engine, text
+
+from examples.tokens_app.db import create_tables
+from examples.tokens_app.main import create_app
+from examples.tokens_app.settings import Settings
+from repeat_every.testing import FakeClock
+
+UTC = dt.timezone.utc
+START = dt.datetime(2025, 1, 6, 7, 30, tzinfo=UTC)
+MINUTE = 60
+HOUR = 60 * MINUTE
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=f"sqlite:///{tmp_path / 'tokens.db'}",
+        claims_path=tmp_path / "claims.db",
+        cleanup_seconds=HOUR,
+        report_cron="0 9 * * MON-FRI",
+        report_tz="Europe/Paris",
+    )
+
+
+@pytest.fixture
+def clock() -> Iterator[FakeClock]:
+    with FakeClock(start=START) as clock:
+        yield clock
+
+
+def stored(client: TestClient) -> dict[str, bool]:
+    """Name → expired, for every token still in the database."""
+    response = client.get("/tokens")
+    assert response.status_code == 200
+    return {token["name"]: token["expired"] for token in response.json()}
+
+
+def tasks(client: TestClient) -> dict[str, dict[str, Any]]:
+    response = client.get("/tasks")
+    assert response.status_code == 200
+    return {state["name"]: state for state in response.json()["tasks"]}
+
+
+def at(value: object) -> dt.datetime:
+    assert isinstance(value, str)
+    return dt.datetime.fromisoformat(value)
+
+
+def test_expired_tokens_are_removed_by_the_first_hourly_cleanup_after_their_expiry(
+    settings: Settings, clock: FakeClock
+) -> None:
+    with TestClient(create_app(settings)) as client:
+        clock.run_due_blocking()
+        for name, minutes in [("a", 20), ("b", 45), ("c", 100), ("d", 24 * 60)]:
+            response = client.post("/tokens", json={"name": name, "lifetime_seconds": minutes * 60})
+            assert response.status_code == 201
+            assert at(response.json()["expires_at"]) == START + dt.timedelta(minutes=minutes)
+        assert stored(client) == {"a": False, "b": False, "c": False, "d": False}
+
+        clock.advance_blocking(29 * MINUTE)  # 07:59: "a" expired at 07:50, not removed yet
+        assert stored(client) == {"a": True, "b": False, "c": False, "d": False}
+        clock.advance_blocking(1 * MINUTE)  # 08:00: the first clean-up
+        assert stored(client) == {"b": False, "c": False, "d": False}
+        clock.advance_blocking(59 * MINUTE)  # 08:59: "b" expired at 08:15
+        assert stored(client) == {"b": True, "c": False, "d": False}
+        clock.advance_blocking(1 * MINUTE)  # 09:00
+        assert stored(client) == {"c": False, "d": False}
+        clock.advance_blocking(1 * HOUR)  # 10:00: "c" expired at 09:10
+        assert stored(client) == {"d": False}
+
+    assert clock.history.started("remove_expired_tokens") == [
+        30 * MINUTE,
+        90 * MINUTE,
+        150 * MINUTE,
+    ]
+    assert clock.history.outcomes("remove_expired_tokens") == ["ok", "ok", "ok"]
+
+
+def test_tasks_endpoint_reports_runs_and_next_runs_of_both_jobs(
+    settings: Settings, clock: FakeClock
+) -> None:
+    with TestClient(create_app(settings)) as client:
+        clock.run_due_blocking()
+        before = tasks(client)
+        assert before["remove_expired_tokens"]["runs"] == 0
+        assert at(before["remove_expired_tokens"]["next_run_at"]) == dt.datetime(
+            2025, 1, 6, 8, tzinfo=UTC
+        )
+        assert at(before["report_tokens"]["next_run_at"]) == dt.datetime(2025, 1, 6, 8, tzinfo=UTC)
+
+        clock.advance_blocking(2 * HOUR + 30 * MINUTE)  # 10:00 UTC, 11:00 in Paris
+        after = tasks(client)
+        cleanup, report = after["remove_expired_tokens"], after["report_tokens"]
+        assert (cleanup["runs"], cleanup["failures"], cleanup["last_error"]) == (3, 0, None)
+        assert cleanup["running"] is True
+        assert at(cleanup["last_started_at"]) == dt.datetime(2025, 1, 6, 10, tzinfo=UTC)
+        assert at(cleanup["next_run_at"]) == dt.datetime(2025, 1, 6, 11, tzinfo=UTC)
+        assert report["runs"] == 1  # 09:00 Paris; the next is Tuesday at 09:00 Paris
+        assert at(report["next_run_at"]) == dt.datetime(2025, 1, 7, 8, tzinfo=UTC)
+        assert client.get("/tasks").json()["pid"] == os.getpid()
+
+
+def test_each_run_logs_what_it_did(
+    settings: Settings, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="examples.tokens_app")
+    with TestClient(create_app(settings)) as client:
+        clock.run_due_blocking()
+        client.post("/tokens", json={"name": "short", "lifetime_seconds": 10 * MINUTE})
+        clock.advance_blocking(90 * MINUTE)  # 09:00: clean-ups at 08:00 and 09:00
+
+    messages = [r.getMessage() for r in caplog.records if r.name == "examples.tokens_app"]
+    assert [m for m in messages if m.startswith("remove_expired_tokens")] == [
+        "remove_expired_tokens: removed 1 expired token(s)",
+        "remove_expired_tokens: removed 0 expired token(s)",
+    ]
+    assert [m for m in messages if m.startswith("report_tokens")] == [
+        "report_tokens: 0 valid token(s), 0 expiring within 24 h"
+    ]
+
+
+def test_a_failing_cleanup_is_reported_by_the_tasks_endpoint_and_the_next_hour_recovers(
+    settings: Settings, clock: FakeClock
+) -> None:
+    engine = create_engine(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        clock.run_due_blocking()
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE tokens"))  # the clean-up at 08:00 fails
+        clock.advance_blocking(30 * MINUTE)
+        failed = tasks(client)["remove_expired_tokens"]
+        assert (failed["runs"], failed["failures"]) == (1, 1)
+        assert "no such table: tokens" in failed["last_error"]
+        assert failed["running"] is True
+
+        create_tables(engine)
+        clock.advance_blocking(1 * HOUR)
+        recovered = tasks(client)["remove_expired_tokens"]
+        assert (recovered["runs"], recovered["failures"]) == (2, 1)
+    engine.dispose()
+    assert clock.history.outcomes("remove_expired_tokens") == ["failed", "ok"]
+
+
+def test_two_app_instances_sharing_the_claim_store_run_each_tick_once(
+    settings: Settings, clock: FakeClock
+) -> None:
+    with TestClient(create_app(settings)) as first, TestClient(create_app(settings)) as second:
+        clock.advance_blocking(3 * HOUR)  # clean-ups at 08:00, 09:00, 10:00
+        states = [tasks(first)["remove_expired_tokens"], tasks(second)["remove_expired_tokens"]]
+    assert sum(int(s["runs"]) for s in states) == 3
+    assert sum(int(s["elsewhere"]) for s in states) == 3
+    assert len(clock.history.of("remove_expired_tokens")) == 3
+
+
+def test_a_token_needs_a_positive_lifetime(settings: Settings, clock: FakeClock) -> None:
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/tokens", json={"name": "x", "lifetime_seconds": 0})
+        assert response.status_code == 422
+        assert stored(client) == {}
+
+
+# -- the demo command, for real --------------------------------------------------------------------
+
+RUN_LINE = re.compile(
+    r"^\S+ (\d\d):(\d\d):(\d\d),(\d{3}) INFO +\[(\d+)\] examples\.tokens_app: "
+    r"remove_expired_tokens: removed"
+)
+
+
+@pytest.mark.slow
+def test_demo_command_with_four_workers_runs_each_cleanup_tick_once(tmp_path: Path) -> None:
+    port = free_port()
+    period = 1.0
+    log_path = tmp_path / "demo.log"
+    env = {**os.environ, "DATA_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "examples.tokens_app", "--port", str(port), "--workers", "4"]
+    command += ["--cleanup-seconds", str(period)]
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/tasks", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            else:
+                pytest.fail(f"the demo did not answer in 30 s:\n{log_path.read_text()}")
+            time.sleep(4 * period)
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=30)
+
+    text = log_path.read_text()
+    runs: list[tuple[int, float]] = []
+    for line in text.splitlines():
+        if match := RUN_LINE.match(line):
+            hh, mm, ss, ms, pid = (int(g) for g in match.groups())
+            runs.append((pid, hh * 3600 + mm * 60 + ss + ms / 1000))
+    ticks = Counter(round(seconds / period) for _, seconds in runs)
+    assert len(ticks) >= 3, text
+    assert max(ticks.values()) == 1, f"a tick ran more than once: {ticks}\n{text}"
+    assert text.count("Application startup complete") == 4

@@ -1,0 +1,94 @@
+"""Importing the package stays light, and the pytest plugin is registered by entry point."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FORBIDDEN = (
+    "fastapi",
+    "starlette",
+    "redis",
+    "asyncpg",
+    "psycopg",
+    "psycopg2",
+    "sqlalchemy",
+    "sqlite3",
+    "_sqlite3",
+    "pydantic",
+    "anyio",
+    "freezegun",
+    "time_machine",
+    "pytest",
+)
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys, json; {statement}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+    )
+    return set(json.loads(out.stdout))
+
+
+@pytest.mark.parametrize("statement", ["import repeat_every", "import repeat_every.testing"])
+def test_import_loads_no_web_framework_database_or_test_tool(statement: str) -> None:
+    modules = _modules_after(statement)
+    loaded = sorted(m for m in modules if m.split(".")[0] in FORBIDDEN)
+    assert loaded == []
+
+
+def test_pytest_plugin_is_registered_by_entry_point() -> None:
+    (entry_point,) = [
+        ep
+        for ep in importlib.metadata.entry_points(group="pytest11")
+        if ep.value.startswith("repeat_every")
+    ]
+    assert entry_point.name == "repeat_every"
+    assert entry_point.value == "repeat_every.testing._plugin"
+    assert hasattr(entry_point.load(), "fake_clock")
+
+
+def test_fake_clock_fixture_is_available_to_a_project_that_only_installed_the_package(
+    tmp_path: Path,
+) -> None:
+    test_file = tmp_path / "test_user.py"
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # the user's project: no plugin config
+    test_file.write_text(
+        "import asyncio\n"
+        "from repeat_every import repeat_every\n"
+        "\n"
+        "@repeat_every(seconds=60)\n"
+        "async def job():\n"
+        "    pass\n"
+        "\n"
+        "def test_every_minute(fake_clock):\n"
+        "    async def main():\n"
+        "        handle = job()\n"
+        "        await fake_clock.advance(120)\n"
+        "        handle.cancel()\n"
+        "    asyncio.run(main())\n"
+        "    assert fake_clock.history.started(job) == [0.0, 60.0, 120.0]\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(test_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout

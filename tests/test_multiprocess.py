@@ -1,0 +1,181 @@
+"""Four real worker processes share a 0.2 s job through each claim store: once per tick.
+
+Each worker (tests/workers/claim_worker.py) runs ``@repeat_every(seconds=0.2, store=...)``
+and records every run with its pid and tick. For each store: for two seconds every tick runs
+exactly once; then one worker is killed with SIGKILL, and the ticks after it still run exactly
+once each, on the surviving workers. About five seconds of real time per store.
+
+A sharper race too: four processes claim the same 200 ticks in lockstep (tick k at the same
+wall-clock instant in every process); each tick has exactly one winner.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import PostgresServer, RedisServer
+
+WORKER = Path(__file__).parent / "workers" / "claim_worker.py"
+RACER = Path(__file__).parent / "workers" / "claim_race.py"
+PERIOD = 0.2
+WORKERS = 4
+TOGETHER = 2.0  # seconds of all four workers
+AFTER_KILL = 1.2  # seconds of the three survivors
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Window:
+    """Ticks ``first..last`` (inclusive) and what ran in them."""
+
+    first: int
+    last: int
+
+    def ticks(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+def _tick_now() -> float:
+    return time.time() / PERIOD
+
+
+def _read_runs(files: list[Path]) -> tuple[list[tuple[int, int]], set[int]]:
+    runs: list[tuple[int, int]] = []
+    ready: set[int] = set()
+    for file in files:
+        if not file.exists():
+            continue
+        for line in file.read_text().splitlines():
+            kind, *fields = line.split()
+            if kind == "ready":
+                ready.add(int(fields[0]))
+            elif kind == "run":
+                runs.append((int(fields[0]), int(fields[1])))
+    return runs, ready
+
+
+def _run_workers(kind: str, target: str, folder: Path) -> None:
+    task = f"multiprocess-{kind}-{uuid.uuid4().hex[:8]}"
+    files = [folder / f"worker-{i}.log" for i in range(WORKERS)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), kind, target, task, str(file), "--period", str(PERIOD)],
+            stdin=subprocess.DEVNULL,
+        )
+        for file in files
+    ]
+    try:
+        deadline = time.monotonic() + 20
+        while len(_read_runs(files)[1]) < WORKERS:
+            assert all(w.poll() is None for w in workers), "a worker exited while starting"
+            assert time.monotonic() < deadline, "the workers did not start within 20 s"
+            time.sleep(0.05)
+        together = Window(math.ceil(_tick_now()) + 1, 0)
+        time.sleep(TOGETHER)
+        killed = workers[0]
+        at_kill = _tick_now()
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        together.last = math.floor(at_kill) - 1
+        # The tick in progress when the worker died may be lost with it (it may have won the
+        # claim and not run yet): a miss the docs admit. The next ones must all run.
+        after = Window(math.floor(at_kill) + 2, 0)
+        time.sleep(AFTER_KILL)
+        after.last = math.floor(_tick_now()) - 1
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.wait(10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    assert all(w.returncode == 0 for w in workers[1:]), [w.returncode for w in workers]
+
+    runs, _ = _read_runs(files)
+    per_tick = Counter(tick for _, tick in runs)
+    duplicates = sum(count - 1 for count in per_tick.values() if count > 1)
+    report = []
+    for name, window in (("4 workers", together), ("after SIGKILL", after)):
+        in_window = [per_tick[t] for t in window.ticks()]
+        winners = Counter(pid for pid, tick in runs if tick in window.ticks())
+        report.append(
+            f"{kind} {name}: ticks={len(in_window)} runs={sum(in_window)} "
+            f"duplicates={sum(c - 1 for c in in_window if c > 1)} "
+            f"misses={in_window.count(0)} runs per worker={sorted(winners.values())}"
+        )
+    print("\n" + "\n".join(report) + f"\n{kind} whole run: duplicates={duplicates}")
+    assert duplicates == 0, per_tick
+    for window in (together, after):
+        assert len(window.ticks()) >= 4
+        missed = [t for t in window.ticks() if per_tick[t] == 0]
+        assert missed == [], f"{kind}: ticks {missed} did not run; runs: {sorted(per_tick)}"
+    survivors = {pid for pid, tick in runs if tick in after.ticks()}
+    assert killed.pid not in survivors
+
+
+def test_four_sqlite_workers_run_each_tick_once_even_after_one_is_killed(tmp_path: Path) -> None:
+    _run_workers("sqlite", str(tmp_path / "claims.db"), tmp_path)
+
+
+@pytest.mark.servers
+def test_four_redis_workers_run_each_tick_once_even_after_one_is_killed(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    _run_workers("redis", redis_server.url, tmp_path)
+
+
+@pytest.mark.servers
+def test_four_postgres_workers_run_each_tick_once_even_after_one_is_killed(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    _run_workers("postgres", postgres_server.dsn, tmp_path)
+
+
+def _race(kind: str, target: str) -> None:
+    task = f"race-{kind}-{uuid.uuid4().hex[:8]}"
+    ticks = 200
+    start_at = time.time() + 1.5  # after every racer has started and connected
+    racers = [
+        subprocess.Popen(
+            [sys.executable, str(RACER), kind, target, task, str(ticks), str(start_at)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(WORKERS)
+    ]
+    outputs = [racer.communicate(timeout=60)[0] for racer in racers]
+    assert [racer.returncode for racer in racers] == [0] * WORKERS
+    wins = [int(line) for output in outputs for line in output.split()]
+    per_racer = sorted(len(output.split()) for output in outputs)
+    print(f"\n{kind} race: ticks={ticks} wins={len(wins)} per racer={per_racer}")
+    assert sorted(wins) == list(range(ticks))  # every tick won, and won once
+
+
+def test_racing_sqlite_processes_win_each_tick_exactly_once(tmp_path: Path) -> None:
+    _race("sqlite", str(tmp_path / "claims.db"))
+
+
+@pytest.mark.servers
+def test_racing_redis_processes_win_each_tick_exactly_once(redis_server: RedisServer) -> None:
+    _race("redis", redis_server.url)
+
+
+@pytest.mark.servers
+def test_racing_postgres_processes_win_each_tick_exactly_once(
+    postgres_server: PostgresServer,
+) -> None:
+    _race("postgres", postgres_server.dsn)

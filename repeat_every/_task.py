@@ -168,7 +168,7 @@ class TaskHandle:
         self._sleeping = False  # in an interruptible wait: stop() may cancel it
         self._interrupting = False  # stop() cancelled that wait
         self._waiters = 0
-        self._rng = random.Random(self._opts.seed)
+        self._random: random.Random | None = None  # made on first use: 3 kB per task
         self._records = timebase.wants_records
         self._task: asyncio.Task[None] = loop.create_task(
             self._main(), name=f"repeat_every:{self._opts.name}"
@@ -334,6 +334,12 @@ class TaskHandle:
         except RuntimeError:
             return True
 
+    def _rng(self) -> random.Random:
+        """The task's random source (jitter, retry jitter), seeded by ``seed``."""
+        if self._random is None:
+            self._random = random.Random(self._opts.seed)
+        return self._random
+
     def _stopping(self) -> bool:
         # A method, not the attribute: stop() may set it while the loop awaits.
         return self._stop_requested
@@ -355,7 +361,7 @@ class TaskHandle:
                 while (remaining := plan.remaining(tick, self._now())) > 0:
                     await self._sleep_interruptibly(remaining / NS)
                 if opts.jitter:
-                    await self._sleep_interruptibly(self._rng.random() * opts.jitter)
+                    await self._sleep_interruptibly(self._rng().random() * opts.jitter)
                 if opts.store is not None and not await self._claim(plan, tick):
                     tick, _ = plan.after(tick, self._now())
                     continue
@@ -462,7 +468,7 @@ class TaskHandle:
                 return
             retry = opts.retry
             if retry is not None and attempt < retry.attempts and isinstance(error, retry.on):
-                delay = retry.delay(attempt, self._rng)
+                delay = retry.delay(attempt, self._rng())
                 limit = plan.following(tick)
                 if self._now() + to_ns(delay) < limit and not self._stop_requested:
                     self._retries += 1

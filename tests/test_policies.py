@@ -25,9 +25,6 @@ UTC = dt.timezone.utc
 # has finished (asyncio has not resumed the task yet), so advance() moves on and returns before
 # a run with a timeout has recorded its end. Strict: remove once the FakeClock fix (report of
 # issue 4: a waiting task is busy as soon as one of its tracked children is done) has landed.
-WAITING_RACE = pytest.mark.xfail(
-    strict=True, reason="FakeClock: a waiting task is quiet after its child finished"
-)
 
 
 class Boom(Exception):
@@ -237,7 +234,6 @@ async def test_stop_during_a_retry_wait_ends_the_loop_with_the_run_failed(
 # -- timeouts ---------------------------------------------------------------------------------
 
 
-@WAITING_RACE
 async def test_an_async_run_past_its_timeout_is_cancelled_and_reported(
     fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -269,7 +265,6 @@ async def test_an_async_run_past_its_timeout_is_cancelled_and_reported(
     assert fake_clock.history.started("slow") == [0.0, 60.0]
 
 
-@WAITING_RACE
 async def test_a_run_that_finishes_within_its_timeout_is_ok(fake_clock: FakeClock) -> None:
     @repeat_every(seconds=60, timeout=5, name="quick")
     async def quick() -> None:
@@ -282,7 +277,6 @@ async def test_a_run_that_finishes_within_its_timeout_is_ok(fake_clock: FakeCloc
     assert handle.failures == 0
 
 
-@WAITING_RACE
 async def test_a_timed_out_attempt_is_retried_like_any_failure(fake_clock: FakeClock) -> None:
     durations = iter([10.0, 1.0])
 

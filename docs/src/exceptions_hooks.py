@@ -1,3 +1,4 @@
+# --8<-- [start:failures]
 import logging
 
 from repeat_every import repeat_every
@@ -26,6 +27,8 @@ async def check_config() -> None:
     raise RuntimeError("config file is corrupt")
 
 
+# --8<-- [end:failures]
+# --8<-- [start:complete]
 warm: list[str] = []
 
 
@@ -36,3 +39,6 @@ def cache_is_warm() -> None:
 @repeat_every(seconds=10, max_repetitions=3, on_complete=cache_is_warm)
 async def warm_cache() -> None:
     warm.append("batch")
+
+
+# --8<-- [end:complete]

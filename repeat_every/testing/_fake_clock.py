@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 from .._records import RunRecord
@@ -52,10 +52,15 @@ class _Activity:
     order: int  # start order: breaks ties between deadlines
     sleep: asyncio.Future[None] | None = None  # the clock future it sleeps on, until woken
     waiting: int = 0
+    # What this task delegated work to (track() called from inside it). While it waits, it is
+    # quiet only as long as none of them has finished: a finished child wakes it up.
+    children: list[asyncio.Future[Any]] = field(default_factory=list)
 
     def quiet(self) -> bool:
         sleep = self.sleep
-        return (sleep is not None and not sleep.done()) or self.waiting > 0 or self.future.done()
+        if self.future.done() or (sleep is not None and not sleep.done()):
+            return True
+        return self.waiting > 0 and not any(child.done() for child in self.children)
 
     def describe(self) -> str:
         future = self.future
@@ -286,9 +291,13 @@ class FakeClock:
             self._track(task)
 
     def track(self, activity: asyncio.Future[Any]) -> None:
+        parent = asyncio.current_task()
         with self._lock:
             if activity not in self._activities:
                 self._track(activity)
+            owner = self._activities.get(parent) if parent is not None else None
+            if owner is not None:
+                owner.children.append(activity)
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -297,6 +306,7 @@ class FakeClock:
         with self._lock:
             activity = self._activities.get(task) or self._track(task)
             activity.waiting += 1
+            activity.children = [c for c in activity.children if not c.done()]
             self._notify()
         try:
             yield

@@ -124,8 +124,12 @@ class _FixedRatePlan:
         return Tick(self._origin, 0)
 
     def after(self, tick: Tick, now: int) -> tuple[Tick, int]:
-        index = max(tick.index + 1, _ceil_div(now - self._tolerance - self._origin, self._period))
-        return Tick(self._origin + index * self._period, index), index - tick.index - 1
+        index = tick.index + 1
+        deadline = tick.deadline + self._period
+        if now - self._tolerance > deadline:  # the run overran: skip the ticks it covered
+            index = _ceil_div(now - self._tolerance - self._origin, self._period)
+            deadline = self._origin + index * self._period
+        return Tick(deadline, index), index - tick.index - 1
 
     def following(self, tick: Tick) -> int:
         return tick.deadline + self._period

@@ -94,6 +94,30 @@ async def test_overrun_of_many_periods_counts_each_skipped_tick(fake_clock: Fake
     assert handle.runs + handle.skipped == 13  # ticks 0..12: each one run or counted skipped
 
 
+async def test_skipped_ticks_are_logged_at_most_once_a_minute_and_counted_exactly(
+    fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    @repeat_every(seconds=1, name="always_late")
+    async def job() -> None:
+        await fake_clock.sleep(1.5)  # every run covers the next tick
+
+    handle = job()
+    await fake_clock.advance(150)
+    handle.cancel()
+    # Runs start at 0, 2, 4, ... and each skips one tick: 75 runs, 75 skips by t = 150.
+    assert handle.skipped == 75
+    warnings = [r.message for r in caplog.records if "skipped" in r.message]
+    # Logged at t = 1.5, then at the first skip a minute later or more (61.5, 121.5), with
+    # the ticks skipped in between.
+    assert warnings == [
+        "always_late: the run took longer than its period; skipped 1 tick(s)",
+        "always_late: the run took longer than its period; skipped 1 tick(s)"
+        " (30 since the last report a minute ago or more)",
+        "always_late: the run took longer than its period; skipped 1 tick(s)"
+        " (30 since the last report a minute ago or more)",
+    ]
+
+
 async def test_fixed_delay_drifts_by_the_run_time_like_fastapi_utils(
     fake_clock: FakeClock,
 ) -> None:
@@ -549,3 +573,38 @@ async def test_job_raising_cancelled_error_is_a_failed_run_not_a_silent_end(
         await handle.wait()
         assert handle.cancelled  # a real cancel() still ends the loop
     assert {r.name for r in caplog.records if r.levelno == logging.ERROR} == {"repeat_every"}
+
+
+async def test_failures_outside_the_fake_clock_take_the_same_path(
+    fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without run records (no FakeClock behind the task), a plain async job is called
+    # straight from the loop: its failures must count, log and reach hooks all the same.
+    manual = _ManualClock()
+    seen: list[BaseException] = []
+    calls = itertools.count()
+
+    @repeat_every(
+        seconds=10,
+        max_repetitions=4,
+        clock=manual.monotonic,
+        sleep=manual.sleep,
+        on_exception=seen.append,
+    )
+    async def job() -> None:
+        n = next(calls)
+        if n == 1:
+            raise ValueError("second run")
+        if n == 2 and sys.version_info >= (3, 11):
+            shared = asyncio.get_running_loop().create_future()
+            shared.cancel()  # cancelled by someone else: a failed run, not the loop's end
+            await shared
+
+    handle = job()
+    await handle.wait()
+    expected = 2 if sys.version_info >= (3, 11) else 1
+    assert (handle.runs, handle.failures, handle.cancelled) == (4, expected, False)
+    assert isinstance(seen[0], ValueError)
+    assert len(seen) == expected
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == expected
+    assert fake_clock.history.of(job) == []

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ._policy import Retry, RunTimeoutError
 from ._records import Outcome, RunRecord, TaskState
 from ._schedule import NS, Schedule, Tick, to_ns
-from ._timebase import SleepFunc, SystemTimebase, Timebase, default_timebase
+from ._timebase import SystemTimebase, Timebase, default_timebase
 
 if TYPE_CHECKING:
     from ._claims import ClaimStore, StoreErrorPolicy
@@ -390,15 +390,12 @@ class TaskHandle:
         opts = self._opts
         timebase = self._timebase
         plan = opts.schedule.plan(timebase)
-        now: Callable[[], int] = timebase.monotonic_ns
-        sleep: SleepFunc = timebase.sleep
-        if isinstance(timebase, SystemTimebase):
-            now, sleep = timebase.hot_path()
+        now, sleep = timebase.hot_path()
         func = self._periodic._func
-        # The common case (an async job, no timeout, no retry, no run records) calls the job
-        # right here; _run handles the rest. Both report a failure through _failed.
+        # The common case (an async job, no timeout, no retry) calls the job right here; _run
+        # handles the rest. Both record the attempt and report a failure through _failed.
         direct = opts.is_async and opts.timeout is None and opts.retry is None
-        direct = direct and not self._records
+        records = self._records
         try:
             t = now()
             tick = plan.first(t)
@@ -433,14 +430,32 @@ class TaskHandle:
                 self._next = None
                 if direct:
                     self._last_started = t
+                    started_wall = timebase.wall() if records else 0.0
+                    error: BaseException | None = None
                     try:
                         await func()
                     except Exception as exc:
-                        await self._failed(exc)
+                        error = exc
                     except asyncio.CancelledError as exc:
                         if not self._raised_by_job():
                             raise
-                        await self._failed(exc)
+                        error = exc
+                    if records:
+                        timebase.run_finished(
+                            RunRecord(
+                                opts.name,
+                                self._runs,
+                                1,
+                                tick.deadline / NS,
+                                t / NS,
+                                now() / NS,
+                                "ok" if error is None else "failed",
+                                error,
+                                started_wall,
+                            )
+                        )
+                    if error is not None:
+                        await self._failed(error)
                 else:
                     await self._run(plan, tick)
                 self._runs += 1

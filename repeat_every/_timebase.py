@@ -41,6 +41,13 @@ class Timebase(Protocol):
     def sleep(self, seconds: float) -> Awaitable[Any]:
         """Wait ``seconds`` (a value ≤ 0 only yields to the event loop)."""
 
+    def hot_path(self) -> tuple[Callable[[], int], SleepFunc]:
+        """:meth:`monotonic_ns` and :meth:`sleep` for the calling task's loop, at least cost.
+
+        Called once, inside the task's loop; the loop then reads the clock and sleeps through
+        the two functions returned, once or twice per run.
+        """
+
     def wall(self) -> float:
         """Wall-clock seconds since the Unix epoch, like :func:`time.time`."""
 

@@ -200,3 +200,26 @@ async def test_on_complete_runs_right_after_the_last_repetition(fake_clock: Fake
     await asyncio.sleep(0)
     assert example.warm == ["batch", "batch", "batch", "done"]
     assert handle.done
+
+
+def test_migration_to_lifespan_cleans_up_every_hour_and_stops_before_the_engine_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the example keeps its database in ./test.db
+    example = load("migration_lifespan")
+    start = dt.datetime(2025, 1, 6, 8, tzinfo=UTC)
+    naive = start.replace(tzinfo=None)
+    with FakeClock(start=start) as clock, TestClient(example.app):
+        clock.run_due_blocking()  # the tables exist before the first run
+        with example.engine.begin() as db:
+            db.execute(
+                insert(example.Token),
+                [{"expires_at": naive + dt.timedelta(minutes=m)} for m in (30, 90)],
+            )
+        clock.advance_blocking(HOUR)
+        with example.SessionLocal() as db:
+            assert db.scalar(select(func.count()).select_from(example.Token)) == 1
+        handle = example.remove_expired_tokens_task.handle
+        assert handle.running
+    assert handle.done  # stopped by the lifespan, before the engine was disposed
+    assert clock.history.outcomes(example.remove_expired_tokens_task) == ["ok", "ok"]

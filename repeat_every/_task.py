@@ -438,22 +438,13 @@ class TaskHandle:
                         error = exc
                     except asyncio.CancelledError as exc:
                         if not self._raised_by_job():
+                            if records:
+                                self._record(tick, 1, t, started_wall, "cancelled", exc)
                             raise
                         error = exc
                     if records:
-                        timebase.run_finished(
-                            RunRecord(
-                                opts.name,
-                                self._runs,
-                                1,
-                                tick.deadline / NS,
-                                t / NS,
-                                now() / NS,
-                                "ok" if error is None else "failed",
-                                error,
-                                started_wall,
-                            )
-                        )
+                        outcome: Outcome = "ok" if error is None else "failed"
+                        self._record(tick, 1, t, started_wall, outcome, error)
                     if error is not None:
                         await self._failed(error)
                 else:
@@ -561,21 +552,14 @@ class TaskHandle:
         while True:
             started = self._last_started = self._now()
             started_wall = timebase.wall()
-            outcome, error = await self._attempt()
+            try:
+                outcome, error = await self._attempt()
+            except asyncio.CancelledError as exc:
+                if self._records:
+                    self._record(tick, attempt, started, started_wall, "cancelled", exc)
+                raise
             if self._records:
-                timebase.run_finished(
-                    RunRecord(
-                        opts.name,
-                        self._runs,
-                        attempt,
-                        tick.deadline / NS,
-                        started / NS,
-                        timebase.monotonic(),
-                        outcome,
-                        error,
-                        started_wall,
-                    )
-                )
+                self._record(tick, attempt, started, started_wall, outcome, error)
             if error is None:
                 return
             retry = opts.retry
@@ -606,6 +590,30 @@ class TaskHandle:
                     )
             await self._failed(error)
             return
+
+    def _record(
+        self,
+        tick: Tick,
+        attempt: int,
+        started: int,
+        started_wall: float,
+        outcome: Outcome,
+        error: BaseException | None,
+    ) -> None:
+        """Give the timebase the record of an attempt that just ended (if it wants records)."""
+        self._timebase.run_finished(
+            RunRecord(
+                self._opts.name,
+                self._runs,
+                attempt,
+                tick.deadline / NS,
+                started / NS,
+                self._timebase.monotonic(),
+                outcome,
+                error,
+                started_wall,
+            )
+        )
 
     async def _failed(self, error: BaseException) -> None:
         opts = self._opts

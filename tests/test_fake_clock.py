@@ -254,6 +254,28 @@ async def test_history_records_every_attempt_with_its_times_and_outcome() -> Non
     assert len(history) == 0
 
 
+@pytest.mark.parametrize("timeout", [None, 30.0], ids=["plain", "with-timeout"])
+async def test_a_run_cancelled_midway_is_recorded_as_cancelled(
+    fake_clock: FakeClock, timeout: float | None
+) -> None:
+    @repeat_every(seconds=60, timeout=timeout, name="slow-export")
+    async def job() -> None:
+        await fake_clock.sleep(10)
+
+    handle = job()
+    await fake_clock.advance(61)  # run 0 ended at 10; run 1 began at 60 and is midway
+    handle.cancel()
+    await handle.wait()
+    assert handle.cancelled
+    records = fake_clock.history.of(job)
+    assert [(r.index, r.outcome, r.started, r.ended) for r in records] == [
+        (0, "ok", 0.0, 10.0),
+        (1, "cancelled", 60.0, 61.0),
+    ]
+    assert isinstance(records[1].exception, asyncio.CancelledError)
+    assert (handle.runs, handle.failures) == (1, 0)  # a cancelled run is neither
+
+
 # -- stalls ----------------------------------------------------------------------------------------
 
 

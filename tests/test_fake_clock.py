@@ -126,6 +126,41 @@ async def test_advance_waits_for_sync_runs_in_threads(fake_clock: FakeClock) -> 
     handle.cancel()
 
 
+async def test_advance_waits_for_a_task_stopped_while_asleep_to_finish_off_the_clock(
+    fake_clock: FakeClock,
+) -> None:
+    # A job stops another task that sleeps on the clock: that task wakes outside the clock,
+    # and its on_complete does real work in a thread the clock does not know about. The
+    # next deadline must wait until it has finished.
+    events: list[tuple[str, float]] = []
+
+    async def close_exporter() -> None:
+        await asyncio.to_thread(time.sleep, 0.02)
+        events.append(("exporter closed", fake_clock.now))
+
+    @repeat_every(seconds=100, wait_first=True, on_complete=close_exporter, name="exporter")
+    async def exporter() -> None:
+        events.append(("exporter", fake_clock.now))
+
+    @repeat_every(seconds=10, name="shutdown-switch")
+    async def switch() -> None:
+        events.append(("switch", fake_clock.now))
+        if fake_clock.now == 10:
+            exporter_handle.stop()
+
+    exporter_handle = exporter()
+    switch_handle = switch()
+    await fake_clock.advance(20)
+    assert events == [
+        ("switch", 0.0),
+        ("switch", 10.0),
+        ("exporter closed", 10.0),
+        ("switch", 20.0),
+    ]
+    assert exporter_handle.done
+    switch_handle.cancel()
+
+
 # -- step, run_due, deadlines, now -----------------------------------------------------------------
 
 

@@ -416,6 +416,9 @@ class TaskHandle:
                     finally:
                         self._sleeping = False
                     t = now()
+                if opts.store is not None and (current := self._past_stale(plan, tick, t)):
+                    tick = current
+                    continue
                 if opts.jitter:
                     await self._sleep_interruptibly(self._rng().random() * opts.jitter)
                     t = now()
@@ -527,11 +530,40 @@ class TaskHandle:
             self._task.uncancel()
         return True
 
+    def _claim_ttl(self, plan: Plan, tick: Tick) -> float:
+        return self._opts.claim_ttl or max(60.0, 2 * (plan.following(tick) - tick.deadline) / NS)
+
+    def _past_stale(self, plan: Plan, tick: Tick, now: int) -> Tick | None:
+        """The tick to claim instead of ``tick`` if the loop woke too late for it, else None.
+
+        The other processes claimed the tick when it was due, and their claim lives ``ttl``
+        seconds. A process that wakes half a ttl late (it was frozen: a stopped container, a
+        suspended VM, a blocked event loop) could win an expired claim and run the tick a
+        second time; it skips the tick instead, and the ticks it slept through, and carries
+        on from the current one.
+        """
+        late = now - tick.deadline
+        ttl = self._claim_ttl(plan, tick)
+        if late * 2 < ttl * NS:
+            return None
+        current, covered = plan.after(tick, now)
+        self._skipped += 1 + covered
+        self._logger().warning(
+            "%s: woke %.3g s after tick %s was due (was the process frozen, or the event loop "
+            "blocked?); skipping it and the %d tick(s) since: their claims may have expired, "
+            "and running them could repeat runs another process made",
+            self._opts.name,
+            late / NS,
+            tick.key,
+            covered,
+        )
+        return current
+
     async def _claim(self, plan: Plan, tick: Tick) -> bool:
         opts = self._opts
         assert opts.store is not None
         assert tick.key is not None
-        ttl = opts.claim_ttl or max(60.0, 2 * (plan.following(tick) - tick.deadline) / NS)
+        ttl = self._claim_ttl(plan, tick)
         try:
             won = await opts.store.claim(opts.name, tick.key, ttl)
         except Exception:

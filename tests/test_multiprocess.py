@@ -6,7 +6,9 @@ exactly once; then one worker is killed with SIGKILL, and the ticks after it sti
 once each, on the surviving workers. About five seconds of real time per store.
 
 A sharper race too: four processes claim the same 200 ticks in lockstep (tick k at the same
-wall-clock instant in every process); each tick has exactly one winner.
+wall-clock instant in every process); each tick has exactly one winner. And a frozen worker
+(SIGSTOP for longer than the claim's lifetime) does not run again, when it thaws, the tick it
+was waiting for, which its peer ran while its claim was still alive.
 """
 
 from __future__ import annotations
@@ -64,22 +66,52 @@ def _read_runs(files: list[Path]) -> tuple[list[tuple[int, int]], set[int]]:
     return runs, ready
 
 
-def _run_workers(kind: str, target: str, folder: Path) -> None:
-    task = f"multiprocess-{kind}-{uuid.uuid4().hex[:8]}"
-    files = [folder / f"worker-{i}.log" for i in range(WORKERS)]
+def _start_workers(
+    kind: str, target: str, task: str, files: list[Path], *extra: str
+) -> list[subprocess.Popen[bytes]]:
     workers = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), kind, target, task, str(file), "--period", str(PERIOD)],
+            [
+                sys.executable,
+                str(WORKER),
+                kind,
+                target,
+                task,
+                str(file),
+                "--period",
+                str(PERIOD),
+                *extra,
+            ],
             stdin=subprocess.DEVNULL,
         )
         for file in files
     ]
+    deadline = time.monotonic() + 20
+    while len(_read_runs(files)[1]) < len(files):
+        assert all(w.poll() is None for w in workers), "a worker exited while starting"
+        assert time.monotonic() < deadline, "the workers did not start within 20 s"
+        time.sleep(0.05)
+    return workers
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGCONT)  # harmless unless it was stopped
+            worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def _run_workers(kind: str, target: str, folder: Path) -> None:
+    task = f"multiprocess-{kind}-{uuid.uuid4().hex[:8]}"
+    files = [folder / f"worker-{i}.log" for i in range(WORKERS)]
+    workers = _start_workers(kind, target, task, files)
     try:
-        deadline = time.monotonic() + 20
-        while len(_read_runs(files)[1]) < WORKERS:
-            assert all(w.poll() is None for w in workers), "a worker exited while starting"
-            assert time.monotonic() < deadline, "the workers did not start within 20 s"
-            time.sleep(0.05)
         together = Window(math.ceil(_tick_now()) + 1, 0)
         time.sleep(TOGETHER)
         killed = workers[0]
@@ -93,15 +125,7 @@ def _run_workers(kind: str, target: str, folder: Path) -> None:
         time.sleep(AFTER_KILL)
         after.last = math.floor(_tick_now()) - 1
     finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        _stop_workers(workers)
     assert all(w.returncode == 0 for w in workers[1:]), [w.returncode for w in workers]
 
     runs, _ = _read_runs(files)
@@ -179,3 +203,34 @@ def test_racing_postgres_processes_win_each_tick_exactly_once(
     postgres_server: PostgresServer,
 ) -> None:
     _race("postgres", postgres_server.dsn)
+
+
+def test_a_worker_frozen_longer_than_the_claim_ttl_does_not_rerun_the_tick_it_waited_for(
+    tmp_path: Path,
+) -> None:
+    # Two SQLite workers, claims living 0.6 s. Worker 0 is frozen (SIGSTOP) for 1.2 s, as a
+    # stopped container or a suspended VM would be; its peer runs every tick meanwhile. When
+    # it thaws, the tick it was sleeping towards is 1 s old and its claim has expired: it
+    # must skip it, not win it again. (The rule is the loop's, the same for every store.)
+    task = f"frozen-{uuid.uuid4().hex[:8]}"
+    files = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    workers = _start_workers(
+        "sqlite", str(tmp_path / "claims.db"), task, files, "--claim-ttl", "0.6"
+    )
+    try:
+        time.sleep(0.5)
+        frozen = workers[0]
+        frozen.send_signal(signal.SIGSTOP)
+        time.sleep(1.2)
+        frozen.send_signal(signal.SIGCONT)
+        time.sleep(1.0)
+    finally:
+        _stop_workers(workers)
+    assert [w.returncode for w in workers] == [0, 0]
+    runs, _ = _read_runs(files)
+    per_tick = Counter(tick for _, tick in runs)
+    duplicates = {tick: n for tick, n in per_tick.items() if n > 1}
+    print(f"\nsqlite frozen worker: ticks={len(per_tick)} runs={len(runs)} duplicates={duplicates}")
+    assert duplicates == {}
+    first, last = min(per_tick), max(per_tick)
+    assert last - first + 1 >= 12  # the peer ran on through the freeze

@@ -449,6 +449,65 @@ async def test_claims_resume_when_the_store_comes_back(
     ]
 
 
+async def test_a_loop_that_wakes_too_late_for_its_tick_skips_it_instead_of_claiming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The fault: one sleep lasts 10 s longer than asked (the process was frozen). By then the
+    # claims other processes made for the ticks it slept through (ttl 4 s) have expired, so
+    # claiming them could win and run them twice; the loop must move on to the current tick.
+    claimed: list[int] = []
+    ran: list[float] = []
+    oversleep = [0.0]
+
+    class Recording:
+        def __init__(self, store: SQLiteClaimStore) -> None:
+            self.store = store
+
+        async def claim(self, task: str, tick: int, ttl: float) -> bool:
+            claimed.append(tick - START_KEY)
+            return await self.store.claim(task, tick, ttl)
+
+    with FakeClock(start=START) as clock:
+
+        def frozen_sleep(seconds: float) -> Any:
+            extra, oversleep[0] = oversleep[0], 0.0
+            return clock.sleep(seconds + extra)
+
+        store = SQLiteClaimStore(tmp_path / "claims.db")
+
+        @repeat_every(
+            seconds=1,
+            store=Recording(store),
+            claim_ttl=4,
+            clock=clock.monotonic,
+            sleep=frozen_sleep,
+            name="frozen-worker",
+        )
+        async def job() -> None:
+            ran.append(clock.now)
+
+        handle = job()
+        # The task's own sleep makes it known to the clock: wait (real time) for its first.
+        deadline = time.monotonic() + 5
+        while not clock.deadlines:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        await clock.advance(2)  # ticks 0, 1, 2
+        oversleep[0] = 10.0  # the next sleep, from tick 3 towards tick 4, ends at 14 s
+        await clock.advance(15)
+        await handle.aclose()
+        await store.aclose()
+    assert ran == [0.0, 1.0, 2.0, 3.0, 14.0, 15.0, 16.0, 17.0]
+    assert claimed == [0, 1, 2, 3, 14, 15, 16, 17]  # never ticks 4 to 13
+    assert handle.skipped == 10
+    [warning] = [r for r in caplog.records if "after tick" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage().startswith(
+        f"frozen-worker: woke 10 s after tick {START_KEY + 4} was due"
+    )
+    assert "skipping it and the 9 tick(s) since" in warning.getMessage()
+
+
 # -- the stores' own contracts ---------------------------------------------------------------
 
 

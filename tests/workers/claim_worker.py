@@ -1,6 +1,6 @@
 """One worker process of tests/test_multiprocess.py: a 0.2 s job sharing a claim store.
 
-    python claim_worker.py STORE TARGET TASK OUT [--period SECONDS]
+    python claim_worker.py STORE TARGET TASK OUT [--period SECONDS] [--claim-ttl SECONDS]
 
 STORE is sqlite, redis or postgres; TARGET the file, URL or DSN. The worker writes
 ``ready <pid>`` to OUT once its task runs, then ``run <pid> <tick>`` for every run, and stops
@@ -45,12 +45,14 @@ def make_store(kind: str, target: str) -> Store:
     raise SystemExit(f"unknown store {kind!r}: sqlite, redis or postgres")
 
 
-async def main(kind: str, target: str, task: str, out: TextIO, period: float) -> None:
+async def main(
+    kind: str, target: str, task: str, out: TextIO, period: float, claim_ttl: float | None
+) -> None:
     store = make_store(kind, target)
     witness = Witness(store)
     pid = os.getpid()
 
-    @repeat_every(seconds=period, store=witness, name=task)
+    @repeat_every(seconds=period, store=witness, name=task, claim_ttl=claim_ttl)
     async def job() -> None:
         out.write(f"run {pid} {witness.won}\n")
 
@@ -70,6 +72,7 @@ if __name__ == "__main__":
     parser.add_argument("task")
     parser.add_argument("out")
     parser.add_argument("--period", type=float, default=0.2)
+    parser.add_argument("--claim-ttl", type=float, default=None)
     args = parser.parse_args()
     with open(args.out, "a", buffering=1) as results:  # a line per write: whole lines only
-        asyncio.run(main(args.store, args.target, args.task, results, args.period))
+        asyncio.run(main(args.store, args.target, args.task, results, args.period, args.claim_ttl))

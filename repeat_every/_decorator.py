@@ -191,6 +191,13 @@ def decorator_for(
     if on_store_error not in ("skip", "run"):
         raise ValueError(f"on_store_error must be 'skip' or 'run', got {on_store_error!r}")
     ttl = None if claim_ttl is None else seconds_of(claim_ttl, "claim_ttl")
+    if ttl is not None and ttl <= jitter:
+        # Peers claim up to `jitter` apart: a claim must outlive that, or a late peer wins.
+        raise ValueError(
+            f"claim_ttl ({ttl:g} s) must be longer than jitter ({jitter:g} s): workers claim "
+            "a tick up to `jitter` seconds apart, and a claim that expired in between would "
+            "let a second worker run the same tick; raise claim_ttl or lower jitter"
+        )
     timebase = system_timebase(clock, sleep)  # type: ignore[arg-type]
 
     def decorate(func: Callable[[], R]) -> PeriodicTask[R]:

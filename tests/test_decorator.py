@@ -248,6 +248,12 @@ def test_claim_ttl_must_be_positive() -> None:
         _decorate(store=_Store(), claim_ttl=0)
 
 
+def test_claim_ttl_no_longer_than_the_jitter_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"claim_ttl \(5 s\) must be longer than jitter \(5 s\)"):
+        _decorate(seconds=60, store=_Store(), jitter=5, claim_ttl=5)
+    assert _decorate(seconds=60, store=_Store(), jitter=5, claim_ttl=5.5).schedule.keyed
+
+
 def test_valid_store_is_accepted_and_aligns_the_schedule() -> None:
     task = _decorate(seconds=60, store=_Store())
     assert task.schedule.keyed

@@ -70,7 +70,10 @@ def tasks(client: TestClient) -> dict[str, dict[str, Any]]:
 
 def at(value: object) -> dt.datetime:
     assert isinstance(value, str)
-    return dt.datetime.fromisoformat(value)
+    # Pydantic writes UTC as "Z", which datetime.fromisoformat reads only from Python 3.11.
+    return dt.datetime.fromisoformat(
+        value.removesuffix("Z") + "+00:00" if value.endswith("Z") else value
+    )
 
 
 def test_expired_tokens_are_removed_by_the_first_hourly_cleanup_after_their_expiry(

@@ -92,3 +92,49 @@ def test_fake_clock_fixture_is_available_to_a_project_that_only_installed_the_pa
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["strict", "auto"])
+def test_fake_clock_fixture_works_in_async_tests_in_both_pytest_asyncio_modes(
+    tmp_path: Path, mode: str
+) -> None:
+    # A user's project: pytest-asyncio in the given mode, an async test (marked, as strict
+    # mode requires) and a sync one, both using the fixture the package registers.
+    (tmp_path / "pytest.ini").write_text(
+        f"[pytest]\nasyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function\n"
+        "filterwarnings = error\n"
+    )
+    (tmp_path / "test_user.py").write_text(
+        "import asyncio\n"
+        "import pytest\n"
+        "from repeat_every import repeat_every\n"
+        "\n"
+        "@repeat_every(seconds=60)\n"
+        "async def job():\n"
+        "    pass\n"
+        "\n"
+        "@pytest.mark.asyncio\n"
+        "async def test_async(fake_clock):\n"
+        "    handle = job()\n"
+        "    await fake_clock.advance(180)\n"
+        "    handle.cancel()\n"
+        "    await handle.wait()\n"
+        "    assert fake_clock.history.started(job) == [0.0, 60.0, 120.0, 180.0]\n"
+        "\n"
+        "def test_sync(fake_clock):\n"
+        "    async def main():\n"
+        "        handle = job()\n"
+        "        await fake_clock.advance(60)\n"
+        "        handle.cancel()\n"
+        "    asyncio.run(main())\n"
+        "    assert fake_clock.history.started(job) == [0.0, 60.0]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout

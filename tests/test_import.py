@@ -54,56 +54,20 @@ def test_pytest_plugin_is_registered_by_entry_point() -> None:
     assert hasattr(entry_point.load(), "fake_clock")
 
 
+@pytest.mark.parametrize("mode", [None, "strict", "auto"], ids=["no-config", "strict", "auto"])
 def test_fake_clock_fixture_is_available_to_a_project_that_only_installed_the_package(
-    tmp_path: Path,
+    tmp_path: Path, mode: str | None
 ) -> None:
-    test_file = tmp_path / "test_user.py"
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # the user's project: no plugin config
-    test_file.write_text(
-        "import asyncio\n"
-        "from repeat_every import repeat_every\n"
-        "\n"
-        "@repeat_every(seconds=60)\n"
-        "async def job():\n"
-        "    pass\n"
-        "\n"
-        "def test_every_minute(fake_clock):\n"
-        "    async def main():\n"
-        "        handle = job()\n"
-        "        await fake_clock.advance(120)\n"
-        "        handle.cancel()\n"
-        "    asyncio.run(main())\n"
-        "    assert fake_clock.history.started(job) == [0.0, 60.0, 120.0]\n"
-    )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(test_file),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 passed" in result.stdout
-
-
-@pytest.mark.parametrize("mode", ["strict", "auto"])
-def test_fake_clock_fixture_works_in_async_tests_in_both_pytest_asyncio_modes(
-    tmp_path: Path, mode: str
-) -> None:
-    # A user's project: pytest-asyncio in the given mode, an async test (marked, as strict
-    # mode requires) and a sync one, both using the fixture the package registers.
-    (tmp_path / "pytest.ini").write_text(
-        f"[pytest]\nasyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function\n"
+    # A user's project: no plugin configuration at all, or pytest-asyncio in a given mode; an
+    # async test (marked, as strict mode requires) and a sync one use the fixture.
+    # (With no configuration pytest-asyncio itself warns that its loop scope is unset.)
+    config = (
+        ""
+        if mode is None
+        else f"asyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function\n"
         "filterwarnings = error\n"
     )
+    (tmp_path / "pytest.ini").write_text(f"[pytest]\n{config}")
     (tmp_path / "test_user.py").write_text(
         "import asyncio\n"
         "import pytest\n"
@@ -129,12 +93,17 @@ def test_fake_clock_fixture_works_in_async_tests_in_both_pytest_asyncio_modes(
         "    asyncio.run(main())\n"
         "    assert fake_clock.history.started(job) == [0.0, 60.0]\n"
     )
+    _run_users_tests(tmp_path, expect="2 passed")
+
+
+def _run_users_tests(project: Path, expect: str) -> None:
+    """Run pytest in a user's project (its own pytest.ini), as the user would."""
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,
+        cwd=project,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout
+    assert expect in result.stdout

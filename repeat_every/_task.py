@@ -387,6 +387,12 @@ class TaskHandle:
         return self._opts.logger or log
 
     async def _main(self) -> None:
+        """The loop: sleep until the tick is due, claim it (with a store), run it, plan the
+        next, until stopped, ended by a failure policy or done with ``max_repetitions``.
+
+        Every task runs this once per tick, so helpers are inlined where a run would pay for
+        the call (measured in bench/, scenarios 2 and 4); the comments name what is inlined.
+        """
         opts = self._opts
         timebase = self._timebase
         plan = opts.schedule.plan(timebase)

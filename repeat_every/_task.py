@@ -451,20 +451,9 @@ class TaskHandle:
                                 self._record(tick, 1, t, started_wall, "cancelled", exc)
                             raise
                         error = exc
-                    if records:  # _record, inlined: a FakeClock day is 86,400 of these
-                        timebase.run_finished(
-                            RunRecord(
-                                opts.name,
-                                self._runs,
-                                1,
-                                tick.deadline / NS,
-                                t / NS,
-                                now() / NS,
-                                "ok" if error is None else "failed",
-                                error,
-                                started_wall,
-                            )
-                        )
+                    if records:
+                        outcome: Outcome = "ok" if error is None else "failed"
+                        self._record(tick, 1, t, started_wall, outcome, error)
                     if error is not None:
                         await self._failed(error)
                 else:
@@ -649,7 +638,7 @@ class TaskHandle:
         outcome: Outcome,
         error: BaseException | None,
     ) -> None:
-        """Give the timebase the record of an attempt that just ended (if it wants records)."""
+        """Give the timebase the record of an attempt that just ended (when it wants records)."""
         self._timebase.run_finished(
             RunRecord(
                 self._opts.name,

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import functools
 import heapq
 import itertools
 import sys
@@ -275,9 +276,25 @@ class FakeClock:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("FakeClock.sleep() must be awaited inside an asyncio task")
-        future: asyncio.Future[None] = task.get_loop().create_future()
         with self._lock:
             activity = self._activities.get(task) or self._track(task)
+        return self._sleep_of(activity, task.get_loop(), seconds)
+
+    def hot_path(self) -> tuple[Callable[[], int], Callable[[float], Awaitable[None]]]:
+        """:meth:`monotonic_ns`, and :meth:`sleep` bound to the calling task (its loop calls it)."""
+        task = asyncio.current_task()
+        assert task is not None, "called by a task's loop, inside the task"
+        with self._lock:
+            activity = self._activities.get(task) or self._track(task)
+        # sleep() without looking up the task: a day of a 1 s job calls this 86,400 times.
+        return self.monotonic_ns, functools.partial(self._sleep_of, activity, task.get_loop())
+
+    def _sleep_of(
+        self, activity: _Activity, loop: asyncio.AbstractEventLoop, seconds: float
+    ) -> asyncio.Future[None]:
+        """A future the clock resolves ``seconds`` (> 0) from now; ``activity`` sleeps on it."""
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
             deadline = self._now + round(seconds * NS)  # to_ns, inlined: once per run
             heapq.heappush(
                 self._sleepers, (deadline, activity.order, next(self._seq), future, activity)
@@ -288,37 +305,6 @@ class FakeClock:
             if self._blocked:
                 self._changed.notify_all()
         return future
-
-    def hot_path(self) -> tuple[Callable[[], int], Callable[[float], Awaitable[None]]]:
-        """:meth:`monotonic_ns`, and :meth:`sleep` bound to the calling task (its loop calls it)."""
-        task = asyncio.current_task()
-        assert task is not None, "called by a task's loop, inside the task"
-        loop = task.get_loop()
-        lock = self._lock
-        sleepers = self._sleepers
-        seq = self._seq
-        asleep = self._asleep
-        awake = self._awake
-        with lock:
-            activity = self._activities.get(task) or self._track(task)
-
-        def sleep(seconds: float) -> Awaitable[None]:
-            # sleep(), without looking up the task: a day of a 1 s job calls this 86,400 times.
-            # The loop only sleeps for a positive time (it re-checks its deadline on waking).
-            future = loop.create_future()
-            with lock:
-                heapq.heappush(
-                    sleepers,
-                    (self._now + round(seconds * NS), activity.order, next(seq), future, activity),
-                )
-                activity.sleep = future
-                asleep[activity] = future
-                awake.discard(activity)
-                if self._blocked:
-                    self._changed.notify_all()
-            return future
-
-        return self.monotonic_ns, sleep
 
     def task_started(self, task: asyncio.Task[Any]) -> None:
         with self._lock:

@@ -295,15 +295,14 @@ class FakeClock:
         """A future the clock resolves ``seconds`` (> 0) from now; ``activity`` sleeps on it."""
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            deadline = self._now + round(seconds * NS)  # to_ns, inlined: once per run
+            deadline = self._now + to_ns(seconds)
             heapq.heappush(
                 self._sleepers, (deadline, activity.order, next(self._seq), future, activity)
             )
             activity.sleep = future
             self._asleep[activity] = future
             self._awake.discard(activity)
-            if self._blocked:
-                self._changed.notify_all()
+            self._notify()
         return future
 
     def task_started(self, task: asyncio.Task[Any]) -> None:
@@ -536,18 +535,13 @@ class FakeClock:
         """Move to the next deadline ≤ ``target`` and take its sleepers (or move to target)."""
         due: list[asyncio.Future[None]] = []
         with self._lock:
+            self._drop_dead()
             sleepers = self._sleepers
-            while sleepers and sleepers[0][3].done():  # _drop_dead, inlined
-                heapq.heappop(sleepers)
             if not sleepers or sleepers[0][0] > target:
-                if target > self._now:
-                    self._now = target
+                self._now = max(self._now, target)
             else:
-                now = sleepers[0][0]
-                if now > self._now:
-                    self._now = now
-                now = self._now
-                while sleepers and sleepers[0][0] <= now:
+                self._now = max(self._now, sleepers[0][0])
+                while sleepers and sleepers[0][0] <= self._now:
                     _, _, _, future, activity = heapq.heappop(sleepers)
                     if not future.done():
                         activity.sleep = None  # busy from now on, even before it resumes
@@ -555,8 +549,7 @@ class FakeClock:
                         self._awake.add(activity)
                         due.append(future)
             self._moves += 1
-            if self._blocked:
-                self._changed.notify_all()
+            self._notify()
         if travel is not None:
             travel.move_to(self.now_datetime)
         return due

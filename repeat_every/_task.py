@@ -422,14 +422,16 @@ class TaskHandle:
                     finally:
                         self._sleeping = False
                     t = now()
-                if opts.store is not None and (current := self._past_stale(plan, tick, t)):
-                    tick = current
-                    continue
+                if opts.store is not None:
+                    ttl = self._claim_ttl(plan, tick)
+                    if current := self._past_stale(plan, tick, t, ttl):
+                        tick = current
+                        continue
                 if opts.jitter:
                     await self._sleep_interruptibly(self._rng().random() * opts.jitter)
                     t = now()
                 if opts.store is not None:
-                    won = await self._claim(plan, tick)
+                    won = await self._claim(tick, ttl)
                     t = now()
                     if not won:
                         tick, _ = plan.after(tick, t)
@@ -528,7 +530,7 @@ class TaskHandle:
     def _claim_ttl(self, plan: Plan, tick: Tick) -> float:
         return self._opts.claim_ttl or max(60.0, 2 * (plan.following(tick) - tick.deadline) / NS)
 
-    def _past_stale(self, plan: Plan, tick: Tick, now: int) -> Tick | None:
+    def _past_stale(self, plan: Plan, tick: Tick, now: int, ttl: float) -> Tick | None:
         """The tick to claim instead of ``tick`` if the loop woke too late for it, else None.
 
         The other processes claimed the tick when it was due, and their claim lives ``ttl``
@@ -538,7 +540,6 @@ class TaskHandle:
         on from the current one.
         """
         late = now - tick.deadline
-        ttl = self._claim_ttl(plan, tick)
         if late * 2 < ttl * NS:
             return None
         current, covered = plan.after(tick, now)
@@ -554,11 +555,10 @@ class TaskHandle:
         )
         return current
 
-    async def _claim(self, plan: Plan, tick: Tick) -> bool:
+    async def _claim(self, tick: Tick, ttl: float) -> bool:
         opts = self._opts
         assert opts.store is not None
         assert tick.key is not None
-        ttl = self._claim_ttl(plan, tick)
         try:
             won = await opts.store.claim(opts.name, tick.key, ttl)
         except Exception:

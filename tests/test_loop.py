@@ -585,8 +585,8 @@ async def test_job_raising_cancelled_error_is_a_failed_run_not_a_silent_end(
 async def test_failures_outside_the_fake_clock_take_the_same_path(
     fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Without run records (no FakeClock behind the task), a plain async job is called
-    # straight from the loop: its failures must count, log and reach hooks all the same.
+    # With its own clock and sleep the task keeps no run records (no FakeClock behind it);
+    # a plain async job's failures must count, log and reach hooks all the same.
     manual = _ManualClock()
     seen: list[BaseException] = []
     calls = itertools.count()

@@ -51,14 +51,13 @@ class _Activity:
 
     future: asyncio.Future[Any]
     order: int  # start order: breaks ties between deadlines
-    sleep: asyncio.Future[None] | None = None  # the clock future it sleeps on, until woken
     waiting: int = 0
     # What this task delegated work to (track() called from inside it). While it waits, it is
     # quiet only as long as none of them has finished: a finished child wakes it up.
     children: list[asyncio.Future[Any]] = field(default_factory=list)
 
-    def quiet(self) -> bool:
-        sleep = self.sleep
+    def quiet(self, sleep: asyncio.Future[None] | None) -> bool:
+        """Whether it is quiet, given the clock future it sleeps on (None: not asleep)."""
         if self.future.done() or (sleep is not None and not sleep.done()):
             return True
         return self.waiting > 0 and not any(child.done() for child in self.children)
@@ -175,7 +174,7 @@ class FakeClock:
         self._sleepers: list[_Entry] = []
         self._activities: dict[asyncio.Future[Any], _Activity] = {}
         # The activities split in two, so that _quiet() (once per deadline) is cheap with many
-        # tasks: those asleep on this clock, with their sleep futures, and the others.
+        # tasks: those asleep on this clock, with the future they sleep on, and the others.
         self._asleep: dict[_Activity, asyncio.Future[None]] = {}
         self._awake: set[_Activity] = set()
         self._order = itertools.count()
@@ -299,7 +298,6 @@ class FakeClock:
             heapq.heappush(
                 self._sleepers, (deadline, activity.order, next(self._seq), future, activity)
             )
-            activity.sleep = future
             self._asleep[activity] = future
             self._awake.discard(activity)
             self._notify()
@@ -412,10 +410,7 @@ class FakeClock:
             due = self._next_due(target, travel)
             if not due:
                 return
-            if len(due) == 1 and due[0].get_loop() is loop:
-                due[0].set_result(None)  # the common case, without _wake's loop
-            else:
-                self._wake(due, loop)
+            self._wake(due, loop)
             await asyncio.sleep(0)  # the common case: the woken tasks ran and sleep again
             if not self._quiet():  # (called once per deadline: keep it cheap)
                 await self._settle(loop)
@@ -493,8 +488,9 @@ class FakeClock:
             # …then only the activities awake, unless a sleep ended without the clock (a task
             # cancelled while asleep): then every activity is looked at.
             activities = self._activities.values() if woken_elsewhere else self._awake
+            asleep = self._asleep
             for activity in activities:
-                if not activity.quiet() and _alive(activity.future):
+                if not activity.quiet(asleep.get(activity)) and _alive(activity.future):
                     return False
             return True
 
@@ -511,7 +507,7 @@ class FakeClock:
             busy = [
                 a.describe()
                 for a in self._activities.values()
-                if _alive(a.future) and not a.quiet()
+                if _alive(a.future) and not a.quiet(self._asleep.get(a))
             ]
         raise RunStalledError(
             f"FakeClock: at virtual instant {self.now:g} s ({self.now_datetime.isoformat()}), "
@@ -544,7 +540,7 @@ class FakeClock:
                 while sleepers and sleepers[0][0] <= self._now:
                     _, _, _, future, activity = heapq.heappop(sleepers)
                     if not future.done():
-                        activity.sleep = None  # busy from now on, even before it resumes
+                        # Busy from now on, even before it resumes.
                         self._asleep.pop(activity, None)
                         self._awake.add(activity)
                         due.append(future)

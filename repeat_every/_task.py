@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._policy import Retry, RunTimeoutError
+from ._realtime import real_time
 from ._records import Outcome, RunRecord, TaskState
 from ._schedule import NS, Schedule, Tick, to_ns
 from ._timebase import SystemTimebase, Timebase, default_timebase
@@ -560,7 +561,8 @@ class TaskHandle:
         assert opts.store is not None
         assert tick.key is not None
         try:
-            won = await opts.store.claim(opts.name, tick.key, ttl)
+            with real_time():  # a store's request and timeout are real even under a FakeClock
+                won = await opts.store.claim(opts.name, tick.key, ttl)
         except Exception:
             if opts.on_store_error == "run":
                 self._logger().warning(

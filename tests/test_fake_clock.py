@@ -117,7 +117,7 @@ async def test_advance_waits_for_sync_runs_in_threads(fake_clock: FakeClock) -> 
 
     @repeat_every(seconds=10)
     def slow_sync_job() -> None:
-        time.sleep(0.02)  # real blocking work in the worker thread
+        threading.Event().wait(0.02)  # real blocking work in the worker thread
         finished.append(fake_clock.now)
 
     handle = slow_sync_job()
@@ -130,7 +130,7 @@ async def test_advance_waits_for_a_task_stopped_while_asleep_to_finish_off_the_c
     fake_clock: FakeClock,
 ) -> None:
     # A job stops another task that sleeps on the clock: that task wakes outside the clock,
-    # and its on_complete does real work in a thread the clock does not know about. The
+    # and its on_complete waits in a thread (time.sleep, virtual inside a task's scope). The
     # next deadline must wait until it has finished.
     events: list[tuple[str, float]] = []
 
@@ -154,7 +154,7 @@ async def test_advance_waits_for_a_task_stopped_while_asleep_to_finish_off_the_c
     assert events == [
         ("switch", 0.0),
         ("switch", 10.0),
-        ("exporter closed", 10.0),
+        ("exporter closed", 10.02),
         ("switch", 20.0),
     ]
     assert exporter_handle.done

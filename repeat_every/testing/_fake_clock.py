@@ -10,6 +10,7 @@ and is asleep again before moving on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -27,10 +28,18 @@ from .._records import RunRecord
 from .._schedule import NS, to_ns
 from .._task import PeriodicTask, TaskHandle
 from .._timebase import installed
+from . import _virtual
+from ._virtual import LoopPatch, Scope, ThreadSleep, VirtualTimer
 
 # How many times advance() yields to the event loop, waiting for woken tasks to go back to
 # sleep, before it falls back to waiting on a thread (needed for runs in worker threads).
 _FAST_YIELDS = 4
+
+# The slow path re-checks at least this often (real seconds) while it waits for news.
+_POLL = 0.005
+
+# Records the history keeps by default (counts stay exact beyond it): ~300 B each.
+DEFAULT_HISTORY = 10_000
 
 
 class RunStalledError(AssertionError):
@@ -51,6 +60,7 @@ class _Activity:
 
     future: asyncio.Future[Any]
     order: int  # start order: breaks ties between deadlines
+    scope: Scope | None  # the runs' virtual waits (None: not a periodic task's)
     waiting: int = 0
     # What this task delegated work to (track() called from inside it). While it waits, it is
     # quiet only as long as none of them has finished: a finished child wakes it up.
@@ -58,14 +68,30 @@ class _Activity:
 
     def quiet(self, sleep: asyncio.Future[None] | None) -> bool:
         """Whether it is quiet, given the clock future it sleeps on (None: not asleep)."""
-        if self.future.done() or (sleep is not None and not sleep.done()):
+        future = self.future
+        if future.done() or (sleep is not None and not sleep.done()):
             return True
-        return self.waiting > 0 and not any(child.done() for child in self.children)
+        if self.waiting > 0 and not any(child.done() for child in self.children):
+            return True
+        # Mid-run: quiet while blocked and its run waits on virtual time (a loop timer or a
+        # thread's time.sleep) with none of its threads at work.
+        scope = self.scope
+        if scope is None or scope.waits == 0 or scope.busy:
+            return False
+        if isinstance(future, asyncio.Task):
+            waiter = getattr(future, "_fut_waiter", None)
+            return waiter is not None and not waiter.done()
+        return True  # a worker thread parked in a virtual time.sleep
 
     def describe(self) -> str:
         future = self.future
         if isinstance(future, asyncio.Task):
-            return repr(future.get_name())
+            return _virtual.describe_wait(future, self.scope)
+        if self.scope is not None:
+            return (
+                "a worker thread (a def job, or a thread its run started) is still working: real "
+                "blocking work, or a wait the clock cannot see"
+            )
         return "a worker thread (a def job or its timeout)"
 
 
@@ -73,17 +99,40 @@ class _Activity:
 # in C. An entry whose future is done (woken, or cancelled) is dead and dropped lazily.
 _Entry = tuple[int, int, int, "asyncio.Future[None]", _Activity]
 
+# A wait inside a run in the second heap: (deadline, sequence, timer or thread sleep). A timer
+# that fired or was cancelled is dead and dropped lazily.
+_TimerEntry = tuple[int, int, "VirtualTimer | ThreadSleep"]
+
 
 class RunHistory(Sequence[RunRecord]):
-    """Every attempt of every run under a clock, in the order the attempts ended.
+    """The attempts of the runs under a clock, in the order the attempts ended.
 
-    Tasks may be named by their name, their :class:`~repeat_every.PeriodicTask` or a handle.
-    Safe to read from any thread.
+    It keeps the most recent ``limit`` records (all of them when ``limit`` is ``None``, none
+    when it is 0): a simulated month of a 1 s job would otherwise hold 2.6 million records.
+    `total` and `count_of()` stay exact whatever the limit. Tasks may be named by their
+    name, their [`PeriodicTask`][repeat_every.PeriodicTask] or a handle. Safe to read from any
+    thread.
     """
 
-    def __init__(self) -> None:
-        self._records: list[RunRecord] = []
+    def __init__(self, limit: int | None = DEFAULT_HISTORY) -> None:
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+        ):
+            raise ValueError(
+                f"history must be a number of records ≥ 0, or None to keep all, got {limit!r}"
+            )
+        self._limit = limit
+        self._records: collections.deque[RunRecord] = collections.deque(maxlen=limit)
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._total = 0
         self._lock = threading.Lock()
+
+    def _add(self, record: RunRecord) -> None:
+        with self._lock:
+            self._total += 1
+            self._counts[record.task, record.outcome] += 1
+            if self._limit != 0:
+                self._records.append(record)
 
     @overload
     def __getitem__(self, index: int) -> RunRecord: ...
@@ -93,18 +142,49 @@ class RunHistory(Sequence[RunRecord]):
 
     def __getitem__(self, index: int | slice) -> RunRecord | Sequence[RunRecord]:
         with self._lock:
+            if isinstance(index, slice):
+                return list(self._records)[index]
             return self._records[index]
 
     def __len__(self) -> int:
         return len(self._records)
 
+    @property
+    def limit(self) -> int | None:
+        """How many records are kept (``None``: all)."""
+        return self._limit
+
+    @property
+    def total(self) -> int:
+        """Attempts recorded since the clock was made (or cleared), kept or not."""
+        return self._total
+
+    @property
+    def dropped(self) -> int:
+        """Attempts recorded but no longer kept, because of `limit`."""
+        return self._total - len(self._records)
+
+    def count_of(
+        self,
+        task: str | PeriodicTask[Any] | TaskHandle | None = None,
+        outcome: str | None = None,
+    ) -> int:
+        """Exact number of attempts of ``task`` (all tasks: ``None``) ending in ``outcome``."""
+        name = _name_of(task)
+        with self._lock:
+            return sum(
+                n
+                for (t, o), n in self._counts.items()
+                if (name is None or t == name) and (outcome is None or o == outcome)
+            )
+
     def of(self, task: str | PeriodicTask[Any] | TaskHandle | None = None) -> list[RunRecord]:
-        """The records of ``task`` (all records when ``None``)."""
+        """The kept records of ``task`` (all kept records when ``None``)."""
         with self._lock:
             records = list(self._records)
-        if task is None:
+        name = _name_of(task)
+        if name is None:
             return records
-        name = task if isinstance(task, str) else task.name
         return [r for r in records if r.task == name]
 
     def outcomes(self, task: str | PeriodicTask[Any] | TaskHandle | None = None) -> list[str]:
@@ -120,12 +200,18 @@ class RunHistory(Sequence[RunRecord]):
         return [r for r in self.of(task) if not r.ok]
 
     def clear(self) -> None:
-        """Forget every record."""
+        """Forget every record and reset the counts."""
         with self._lock:
             self._records.clear()
+            self._counts.clear()
+            self._total = 0
 
     def __repr__(self) -> str:
-        return f"<RunHistory of {len(self)} attempts>"
+        return f"<RunHistory of {len(self)} attempts ({self._total} recorded)>"
+
+
+def _name_of(task: str | PeriodicTask[Any] | TaskHandle | None) -> str | None:
+    return task if task is None or isinstance(task, str) else task.name
 
 
 class FakeClock:
@@ -135,30 +221,54 @@ class FakeClock:
     the default ``clock`` and ``sleep`` of every task *started* under it; application code does
     not change. Users may rely on:
 
-    - **Exact time.** Virtual time is kept in integer nanoseconds; :attr:`now` starts at 0.0
-      and 86,400 ``advance(1)`` calls land exactly on 86,400.0.
-    - **Deterministic steps.** :meth:`advance` runs every run due up to and including
-      ``now + seconds``, one deadline at a time in deadline order (ties: the order the tasks
-      started), and at each deadline waits until every woken task has finished its run (runs
-      in worker threads included) and is asleep again or has ended. Runs take no virtual time
-      unless they await :meth:`sleep`.
-    - **No hangs.** A run that waits on something other than this clock for longer than
-      ``timeout`` real seconds raises :class:`RunStalledError` naming the task and the
-      virtual instant.
+    - **Exact time.** Virtual time is kept in integer nanoseconds;
+      [`now`][repeat_every.testing.FakeClock.now] starts at 0.0 and 86,400 ``advance(1)``
+      calls land exactly on 86,400.0.
+    - **Deterministic steps.** [`advance`][repeat_every.testing.FakeClock.advance] runs every
+      run due up to and including ``now + seconds``, one deadline at a time in deadline order
+      (ties: the order the tasks started), and at each deadline waits until every woken task
+      has finished its run (runs in worker threads included) and is asleep again or has ended.
+    - **Virtual time inside runs.** A run's own ``asyncio.sleep``, ``asyncio.wait_for``,
+      ``asyncio.timeout``/``timeout_at``, ``loop.call_later``/``call_at``/``loop.time()`` and
+      what is built on them (anyio on asyncio, tenacity, stamina, backoff) take virtual time,
+      in the run and in every task it spawns; so does ``time.sleep`` in a ``def`` job's thread
+      (and in ``asyncio.to_thread`` calls of a run). Those timers are stepped in time order
+      with the tasks' deadlines. A run still waiting beyond the target of ``advance`` is left
+      mid-run; the next ``advance`` continues it. The test's own code, ``TestClient`` and
+      httpx keep real time. ``time.monotonic()`` and ``time.time()`` are not virtualised
+      (``time.time()`` follows the clock under freezegun or time-machine, see below).
+    - **No hangs.** A run that waits on something the clock does not drive (an event nobody
+      sets, real I/O) for longer than ``timeout`` real seconds raises
+      [`RunStalledError`][repeat_every.testing.RunStalledError] naming the task, the virtual
+      instant and what it waits in.
     - **Wall clock in step.** The clock has a virtual wall time (``start``, or the current time)
       that moves with it; cron and aligned schedules read it. If freezegun's ``freeze_time``
       or time-machine's ``travel`` is active, each step moves it, so ``datetime.now()`` inside
-      a run is the virtual instant. With ``start=`` and ``travel=True`` (the default) the clock
-      starts such a travel itself (time-machine if installed, else freezegun) and ends it when
-      uninstalled.
-    - **Sync tests.** :meth:`advance_blocking` does the same from a thread that is not running
-      an event loop, for apps driven by FastAPI's ``TestClient`` in another thread.
+      a run is the virtual instant — also when the travel starts after the clock (in the test
+      body, or by a fixture set up later): the clock adopts the travel's time as the current
+      virtual instant at its next step. With ``start=`` and ``travel=True`` (the default) the
+      clock starts such a travel itself (time-machine if installed, else freezegun) and ends it
+      when uninstalled.
+    - **Bounded history.** [`history`][repeat_every.testing.FakeClock.history] keeps the last
+      ``history`` attempts (10,000 by default; ``None`` keeps all, 0 none); its counts stay
+      exact.
+    - **Sync tests.** [`advance_blocking`][repeat_every.testing.FakeClock.advance_blocking]
+      does the same from a thread that is not running an event loop, for apps driven by
+      FastAPI's ``TestClient`` in another thread.
+    - **One driver at a time.** Two ``advance`` calls at once (two tasks, or two threads) are
+      refused with ``RuntimeError``: each would move time under the other.
 
-    Tasks started with their own ``clock=``/``sleep=`` arguments do not use this clock.
+    Tasks started with their own ``clock=``/``sleep=`` arguments do not use this clock. Under
+    uvloop the loop's timers cannot be diverted: time inside runs stays real there.
     """
 
     def __init__(
-        self, *, start: dt.datetime | None = None, timeout: float = 5.0, travel: bool = True
+        self,
+        *,
+        start: dt.datetime | None = None,
+        timeout: float = 5.0,
+        travel: bool = True,
+        history: int | None = DEFAULT_HISTORY,
     ) -> None:
         if start is not None and not isinstance(start, dt.datetime):
             raise TypeError(f"start must be a datetime.datetime or None, got {start!r}")
@@ -170,21 +280,29 @@ class FakeClock:
         self._start = start
         self._travel_requested = travel and start is not None
         self._wall_base = _wall_ns_of(start) if start is not None else time.time_ns()
+        self._travel_key: object = None  # the travel whose time the wall clock follows
         self._timeout = float(timeout)
         self._sleepers: list[_Entry] = []
+        self._timers: list[_TimerEntry] = []
         self._activities: dict[asyncio.Future[Any], _Activity] = {}
-        # The activities split in two, so that _quiet() (once per deadline) is cheap with many
-        # tasks: those asleep on this clock, with the future they sleep on, and the others.
+        # The activities split in two, so that _quiet() (once per deadline) costs only what was
+        # woken, however many tasks sleep: those asleep on this clock, with the future they
+        # sleep on, and the others.
         self._asleep: dict[_Activity, asyncio.Future[None]] = {}
         self._awake: set[_Activity] = set()
+        self._waits = 0  # virtual timers and thread sleeps of runs not yet fired (all scopes)
+        self._busy = 0  # worker threads of runs at work (all scopes)
+        self._patches: dict[asyncio.AbstractEventLoop, LoopPatch | None] = {}
         self._order = itertools.count()
         self._seq = itertools.count()
-        self._history = RunHistory()
+        self._history = RunHistory(history)
         self._install_stack = contextlib.ExitStack()
         self._installed = False
         self._waiter_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._blocked = 0  # threads waiting on _changed
         self._moves = 0  # how many times time moved or tasks were woken
+        self._changes = 0  # how many times anything the clock watches changed
+        self._driver: object = None  # the task or thread inside advance()
         self._closed = False
 
     # -- installing --------------------------------------------------------------------------
@@ -195,13 +313,24 @@ class FakeClock:
             raise RuntimeError("this FakeClock is already installed")
         stack = self._install_stack
         stack.enter_context(installed(self))
-        if self._travel_requested and _active_travel() is None:
+        active = _active_travel()
+        if self._travel_requested and active is None:
             stack.enter_context(_start_travel(self.now_datetime))
+            active = _active_travel()
+        elif active is not None and self._start is None:
+            self._wall_base = active.now_ns() - self._now
+        self._travel_key = None if active is None else active.key
+        _virtual.patch_time_sleep()
+        stack.callback(_virtual.unpatch_time_sleep)
         self._installed = True
         return self
 
     def uninstall(self) -> None:
-        """Stop being the default; end the travel this clock started. Idempotent."""
+        """Stop being the default; end the travel this clock started. Idempotent.
+
+        Waits of runs still pending become real: a loop timer fires after the virtual time it
+        had left, in real time; a thread parked in ``time.sleep`` returns at once.
+        """
         if not self._installed:
             return
         self._installed = False
@@ -209,6 +338,17 @@ class FakeClock:
         with self._lock:
             self._closed = True  # release threads still waiting on _changed
             self._changed.notify_all()
+            timers, self._timers = self._timers, []
+            now = self._now
+        for _, _, item in timers:
+            if isinstance(item, ThreadSleep):
+                item.event.set()
+            elif not item._fired and not item._cancelled:
+                _realize(item, (item.deadline - now) / NS)
+        for loop, patch in self._patches.items():
+            if patch is not None and not loop.is_closed():
+                patch.remove()
+        self._patches.clear()
         if self._waiter_pool is not None:
             self._waiter_pool.shutdown(wait=False, cancel_futures=True)
             self._waiter_pool = None
@@ -236,24 +376,29 @@ class FakeClock:
 
     @property
     def deadlines(self) -> list[float]:
-        """The pending wake-up instants (virtual seconds), earliest first, with repeats."""
+        """The pending wake-up instants (virtual seconds), earliest first, with repeats.
+
+        Both the tasks' own sleeps and the waits inside runs (loop timers, thread sleeps).
+        """
         with self._lock:
-            return sorted(e[0] / NS for e in self._sleepers if not e[3].done())
+            pending = [e[0] for e in self._sleepers if not e[3].done()]
+            pending += [e[0] for e in self._timers if _timer_alive(e[2])]
+            return sorted(d / NS for d in pending)
 
     @property
     def history(self) -> RunHistory:
-        """Every attempt of every run of tasks started under this clock."""
+        """The attempts of the runs of tasks started under this clock (see RunHistory)."""
         return self._history
 
     @property
     def timeout(self) -> float:
-        """Real seconds a run may take before :class:`RunStalledError`."""
+        """Real seconds a run may take before it is reported stalled."""
         return self._timeout
 
     # -- the Timebase protocol (what tasks call) ---------------------------------------------
 
     def monotonic(self) -> float:
-        """Virtual monotonic seconds (the same as :attr:`now`)."""
+        """Virtual monotonic seconds (the same as [`now`][repeat_every.testing.FakeClock.now])."""
         return self._now / NS
 
     def monotonic_ns(self) -> int:
@@ -268,7 +413,8 @@ class FakeClock:
         """Wait ``seconds`` of virtual time; a job in a test may await this to take time.
 
         Returns an awaitable (a future: wrap it in a coroutine to pass it to ``create_task``).
-        ``seconds <= 0`` only yields to the event loop, like :func:`asyncio.sleep`.
+        ``seconds <= 0`` only yields to the event loop, like ``asyncio.sleep``. Inside a run,
+        plain ``asyncio.sleep`` is virtual too.
         """
         if seconds <= 0:
             return asyncio.sleep(0)
@@ -280,13 +426,25 @@ class FakeClock:
         return self._sleep_of(activity, task.get_loop(), seconds)
 
     def hot_path(self) -> tuple[Callable[[], int], Callable[[float], Awaitable[None]]]:
-        """:meth:`monotonic_ns`, and :meth:`sleep` bound to the calling task (its loop calls it)."""
+        """[`monotonic_ns`][repeat_every.testing.FakeClock.monotonic_ns], and
+        [`sleep`][repeat_every.testing.FakeClock.sleep] bound to the calling task.
+
+        A periodic task's loop calls it once, inside its own task, before its first sleep: the
+        task's context becomes a scope of this clock, so time inside its runs is virtual.
+        """
         task = asyncio.current_task()
         assert task is not None, "called by a task's loop, inside the task"
+        loop = task.get_loop()
+        scope = Scope(self)
+        _virtual.enter_scope(scope)
         with self._lock:
             activity = self._activities.get(task) or self._track(task)
+            activity.scope = scope
+            if loop not in self._patches:
+                patch = LoopPatch(loop, self)
+                self._patches[loop] = patch if patch.install() else None
         # sleep() without looking up the task: a day of a 1 s job calls this 86,400 times.
-        return self.monotonic_ns, functools.partial(self._sleep_of, activity, task.get_loop())
+        return self.monotonic_ns, functools.partial(self._sleep_of, activity, loop)
 
     def _sleep_of(
         self, activity: _Activity, loop: asyncio.AbstractEventLoop, seconds: float
@@ -314,6 +472,7 @@ class FakeClock:
                 self._track(activity)
             owner = self._activities.get(parent) if parent is not None else None
             if owner is not None:
+                self._wake_if_cancelled(owner)
                 owner.children.append(activity)
 
     @contextlib.contextmanager
@@ -322,6 +481,7 @@ class FakeClock:
         assert task is not None
         with self._lock:
             activity = self._activities.get(task) or self._track(task)
+            self._wake_if_cancelled(activity)
             activity.waiting += 1
             activity.children = [c for c in activity.children if not c.done()]
             self._notify()
@@ -374,10 +534,10 @@ class FakeClock:
         return True
 
     def run_finished(self, record: RunRecord) -> None:
-        self._history._records.append(record)  # atomic; RunHistory reads under its lock
+        self._history._add(record)
 
     def _track(self, future: asyncio.Future[Any]) -> _Activity:
-        activity = _Activity(future, next(self._order))
+        activity = _Activity(future, next(self._order), _virtual.scope_of(None))
         self._activities[future] = activity
         self._awake.add(activity)
         future.add_done_callback(self._forget)
@@ -391,38 +551,113 @@ class FakeClock:
                 self._asleep.pop(activity, None)
             self._notify()
 
+    def _wake_if_cancelled(self, activity: _Activity) -> None:
+        """An activity believed asleep on the clock is at work: its sleep was cancelled.
+
+        (Checked where a run's waits begin, rather than by watching every sleep: a step costs
+        what was woken, not what sleeps.)
+        """
+        sleep = self._asleep.get(activity)
+        if sleep is not None and sleep.done():
+            del self._asleep[activity]
+            self._awake.add(activity)
+
     def _notify(self) -> None:
+        self._changes += 1
         if self._blocked:  # only threads blocked in _wait_quiet listen
             self._changed.notify_all()
 
+    # -- waits inside runs (called by the diversions in _virtual) ------------------------------
+
+    def _current_activity_wakes(self) -> None:
+        task = asyncio.current_task()
+        activity = self._activities.get(task) if task is not None else None
+        if activity is not None:
+            self._wake_if_cancelled(activity)
+
+    def _add_timer(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        scope: Scope,
+        deadline: int,
+        callback: Callable[..., object],
+        args: tuple[Any, ...],
+        context: Any,
+    ) -> VirtualTimer:
+        with self._lock:
+            timer = VirtualTimer(max(deadline, self._now), callback, args, loop, context, scope)
+            heapq.heappush(self._timers, (timer.deadline, next(self._seq), timer))
+            scope.waits += 1
+            self._waits += 1
+            self._current_activity_wakes()
+            self._notify()
+        return timer
+
+    def _wait_ended(self, scope: Scope) -> None:
+        """A wait of ``scope`` fired or was cancelled (under the lock)."""
+        scope.waits -= 1
+        self._waits -= 1
+        self._notify()
+
+    def _thread_started(self, scope: Scope) -> None:
+        with self._lock:
+            scope.busy += 1
+            self._busy += 1
+            self._current_activity_wakes()
+            self._notify()
+
+    def _thread_ended(self, scope: Scope) -> None:
+        with self._lock:
+            scope.busy -= 1
+            self._busy -= 1
+            self._notify()
+
+    def _thread_sleep(self, scope: Scope, seconds: float, counted: bool) -> None:
+        """``time.sleep(seconds)`` in a worker thread of ``scope``: park until advanced to."""
+        with self._lock:
+            if self._closed:
+                return
+            entry = ThreadSleep(self._now + to_ns(seconds), scope, counted)
+            heapq.heappush(self._timers, (entry.deadline, next(self._seq), entry))
+            scope.waits += 1
+            self._waits += 1
+            if counted:
+                scope.busy -= 1
+                self._busy -= 1
+            self._notify()
+        entry.event.wait()
+
     # -- stepping (async) --------------------------------------------------------------------
 
-    async def advance(self, seconds: float) -> None:
+    async def advance(self, seconds: float | dt.timedelta) -> None:
         """Move virtual time ``seconds`` ahead, running every run due on the way.
 
         See the class docstring for the guarantees. ``seconds`` may be 0 (run what is due).
         """
         target = self._now + _check_seconds(seconds)
         loop = asyncio.get_running_loop()
-        await self._settle(loop)
-        travel = _active_travel()
-        while True:
-            due = self._next_due(target, travel)
-            if not due:
-                return
-            self._wake(due, loop)
-            await asyncio.sleep(0)  # the common case: the woken tasks ran and sleep again
-            if not self._quiet():  # (called once per deadline: keep it cheap)
-                await self._settle(loop)
+        with self._driving("advance"):
+            await self._settle(loop)
+            travel = self._follow_travel()
+            while True:
+                due = self._next_due(target, travel)
+                if due is None:
+                    return
+                self._wake(due, loop)
+                await asyncio.sleep(0)  # the common case: the woken tasks ran and sleep again
+                if not self._quiet(loop):  # (called once per deadline: keep it cheap)
+                    await self._settle(loop)
 
     async def step(self) -> float | None:
         """Advance to the next pending deadline and run what is due there.
 
-        Returns the new :attr:`now`, or ``None`` (time unchanged) when nothing is pending.
+        Returns the new [`now`][repeat_every.testing.FakeClock.now], or ``None`` (time
+        unchanged) when nothing is pending.
         """
         loop = asyncio.get_running_loop()
-        await self._settle(loop)
-        nxt = self._next_deadline()
+        with self._driving("step"):
+            await self._settle(loop)
+            nxt = self._next_deadline()
         if nxt is None:
             return None
         await self.advance((nxt - self._now) / NS)
@@ -433,36 +668,84 @@ class FakeClock:
         await self.advance(0)
 
     async def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Return once every woken task is idle again; RunStalledError after ``timeout``."""
         for _ in range(_FAST_YIELDS):
             await asyncio.sleep(0)
-            if self._quiet():
+            if self._quiet(loop):
                 return
-        quiet = await loop.run_in_executor(self._pool(), self._wait_quiet)
-        if not quiet:
-            self._stalled()
+        # Slow path: work in threads, or waits the clock does not drive. Wait for news in a
+        # thread (the loop stays free to finish the work), re-checking on the loop itself.
+        give_up = time.monotonic() + self._timeout
+        while True:
+            changes = self._changes
+            await loop.run_in_executor(self._pool(), self._wait_change, changes)
+            for _ in range(_FAST_YIELDS):
+                if self._quiet(loop):
+                    return
+                await asyncio.sleep(0)
+            if time.monotonic() >= give_up:
+                self._stalled()
+
+    def _wait_change(self, changes: int) -> None:
+        with self._lock:
+            self._blocked += 1
+            try:
+                self._changed.wait_for(lambda: self._closed or self._changes != changes, _POLL)
+            finally:
+                self._blocked -= 1
+
+    @contextlib.contextmanager
+    def _driving(self, what: str) -> Iterator[None]:
+        try:
+            driver: object = asyncio.current_task() or threading.current_thread()
+        except RuntimeError:  # no running loop: a sync test's thread
+            driver = threading.current_thread()
+        with self._lock:
+            if self._driver is not None and self._driver is not driver:
+                raise RuntimeError(
+                    f"FakeClock.{what}() called while another advance is in progress (from "
+                    f"{_describe_driver(self._driver)}): one test drives the clock, one step at a "
+                    "time; await the first call before making the next"
+                )
+            outer = self._driver
+            self._driver = driver
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._driver = outer
 
     # -- stepping (blocking) -----------------------------------------------------------------
 
-    def advance_blocking(self, seconds: float) -> None:
-        """:meth:`advance` for sync tests: the tasks run in another thread's event loop.
+    def advance_blocking(self, seconds: float | dt.timedelta) -> None:
+        """[`advance`][repeat_every.testing.FakeClock.advance] for sync tests: the tasks run in
+        another thread's event loop.
 
         Call it from a thread with no running event loop (a plain ``def`` test driving
         FastAPI's ``TestClient``, for instance); it returns when virtual time has reached
         ``now + seconds`` and every run on the way has finished.
         """
         _require_no_running_loop("advance_blocking", "await clock.advance(...)")
-        target = self._now + _check_seconds(seconds)
-        self._settle_blocking()
-        travel = _active_travel()
-        while True:
-            due = self._next_due(target, travel)
-            if not due:
-                return
-            self._wake(due, None)
+        step = _check_seconds(seconds)
+        loop = self._only_loop()
+        if loop is not None:
+            # Every task lives on one loop: step there, where idleness can be seen.
+            asyncio.run_coroutine_threadsafe(self.advance(step / NS), loop).result()
+            return
+        target = self._now + step
+        with self._driving("advance_blocking"):
             self._settle_blocking()
+            travel = self._follow_travel()
+            while True:
+                due = self._next_due(target, travel)
+                if due is None:
+                    return
+                self._wake(due, None)
+                self._settle_blocking()
 
     def step_blocking(self) -> float | None:
-        """:meth:`step` for sync tests (see :meth:`advance_blocking`)."""
+        """[`step`][repeat_every.testing.FakeClock.step] for sync tests (see
+        [`advance_blocking`][repeat_every.testing.FakeClock.advance_blocking])."""
         _require_no_running_loop("step_blocking", "await clock.step()")
         self._settle_blocking()
         nxt = self._next_deadline()
@@ -472,27 +755,38 @@ class FakeClock:
         return self.now
 
     def run_due_blocking(self) -> None:
-        """:meth:`run_due` for sync tests (see :meth:`advance_blocking`)."""
+        """[`run_due`][repeat_every.testing.FakeClock.run_due] for sync tests (see
+        [`advance_blocking`][repeat_every.testing.FakeClock.advance_blocking])."""
         self.advance_blocking(0)
 
     def _settle_blocking(self) -> None:
         if not self._wait_quiet():
             self._stalled()
 
+    def _only_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The one running event loop of every live activity, if there is exactly one."""
+        with self._lock:
+            loops = {a.future.get_loop() for a in self._activities.values() if _alive(a.future)}
+        if len(loops) != 1:
+            return None
+        loop = loops.pop()
+        return loop if loop.is_running() else None
+
     # -- shared machinery --------------------------------------------------------------------
 
-    def _quiet(self) -> bool:
+    def _quiet(self, loop: asyncio.AbstractEventLoop | None = None) -> bool:
+        """Whether every woken task is idle again (``loop``: the caller's, if it runs there)."""
         with self._lock:
-            # Every sleep still pending (tested in C: 100 tasks cost little)…
-            woken_elsewhere = any(map(_future_done, self._asleep.values()))
-            # …then only the activities awake, unless a sleep ended without the clock (a task
-            # cancelled while asleep): then every activity is looked at.
-            activities = self._activities.values() if woken_elsewhere else self._awake
+            if self._busy:  # worker threads of runs at work
+                return False
             asleep = self._asleep
-            for activity in activities:
+            for activity in self._awake:
                 if not activity.quiet(asleep.get(activity)) and _alive(activity.future):
                     return False
-            return True
+            # Idle only if nothing at all is ready to run on the loop: a task woken by another
+            # or by a cancellation, a callback on its way. Otherwise the clock could move on
+            # (fire a timer, wake the next deadline) before code that acts at this instant ran.
+            return loop is None or not getattr(loop, "_ready", None)
 
     def _wait_quiet(self) -> bool:
         with self._lock:
@@ -509,59 +803,143 @@ class FakeClock:
                 for a in self._activities.values()
                 if _alive(a.future) and not a.quiet(self._asleep.get(a))
             ]
+            if self._busy and not busy:
+                busy = ["a worker thread started by a run is still working"]
         raise RunStalledError(
             f"FakeClock: at virtual instant {self.now:g} s ({self.now_datetime.isoformat()}), "
-            f"{', '.join(busy) or 'a task'} did not finish its run within {self._timeout:g} s of "
-            "real time. Under a FakeClock a run may only wait on the fake clock "
-            "(await clock.sleep(...)) or on work that completes by itself; raise "
-            "FakeClock(timeout=...) if the work is just slow."
+            f"a run did not go idle within {self._timeout:g} s of real time: "
+            f"{'; '.join(busy) or 'a task is still busy'}. Under a FakeClock a run may wait on "
+            "virtual time (asyncio.sleep, timeouts, loop timers, time.sleep in a def job) or on "
+            "work that completes by itself; raise FakeClock(timeout=...) if the work is just slow."
         )
 
     def _next_deadline(self) -> int | None:
         with self._lock:
             self._drop_dead()
-            return self._sleepers[0][0] if self._sleepers else None
+            candidates = [heap[0][0] for heap in (self._sleepers, self._timers) if heap]
+            return min(candidates) if candidates else None
 
     def _drop_dead(self) -> None:
         sleepers = self._sleepers
         while sleepers and sleepers[0][3].done():
             heapq.heappop(sleepers)
+        timers = self._timers
+        while timers and not _timer_alive(timers[0][2]):
+            heapq.heappop(timers)
 
-    def _next_due(self, target: int, travel: Any) -> list[asyncio.Future[None]]:
-        """Move to the next deadline ≤ ``target`` and take its sleepers (or move to target)."""
-        due: list[asyncio.Future[None]] = []
+    def _next_due(
+        self, target: int, travel: _TimeMachineTravel | _FreezegunTravel | None
+    ) -> list[asyncio.Future[None] | VirtualTimer] | None:
+        """Move to the next deadline ≤ ``target`` and take what is due there (threads parked
+        in ``time.sleep`` are woken at once); ``None``: nothing is due, time moved to target."""
+        due: list[asyncio.Future[None] | VirtualTimer] = []
+        moved_to_target = False
         with self._lock:
             self._drop_dead()
             sleepers = self._sleepers
-            if not sleepers or sleepers[0][0] > target:
+            timers = self._timers
+            tops = [heap[0][0] for heap in (sleepers, timers) if heap]
+            nxt = min(tops) if tops else None
+            if nxt is None or nxt > target:
                 self._now = max(self._now, target)
+                moved_to_target = True
             else:
-                self._now = max(self._now, sleepers[0][0])
-                while sleepers and sleepers[0][0] <= self._now:
+                now = self._now = max(self._now, nxt)
+                while sleepers and sleepers[0][0] <= now:
                     _, _, _, future, activity = heapq.heappop(sleepers)
                     if not future.done():
                         # Busy from now on, even before it resumes.
                         self._asleep.pop(activity, None)
                         self._awake.add(activity)
                         due.append(future)
+                while timers and timers[0][0] <= now:
+                    item = heapq.heappop(timers)[2]
+                    if not _timer_alive(item):
+                        continue
+                    if isinstance(item, ThreadSleep):
+                        self._wait_ended(item.scope)
+                        if item.counted:
+                            item.scope.busy += 1
+                            self._busy += 1
+                        item.event.set()
+                    else:
+                        item._fired = True
+                        self._wait_ended(item.scope)
+                        due.append(item)
             self._moves += 1
             self._notify()
         if travel is not None:
             travel.move_to(self.now_datetime)
-        return due
+        return None if moved_to_target else due
 
     def _wake(
-        self, due: list[asyncio.Future[None]], loop: asyncio.AbstractEventLoop | None
+        self,
+        due: list[asyncio.Future[None] | VirtualTimer],
+        loop: asyncio.AbstractEventLoop | None,
     ) -> None:
-        for future in due:
-            future_loop = future.get_loop()
+        for item in due:
+            if isinstance(item, VirtualTimer):
+                item_loop = item.loop
+                if item_loop is loop and loop is not None:
+                    item_loop.call_soon(_virtual.run_timer, item)
+                elif not item_loop.is_closed():
+                    item_loop.call_soon_threadsafe(_virtual.run_timer, item)
+                continue
+            future_loop = item.get_loop()
             if future_loop is loop:
-                _resolve(future)
+                _resolve(item)
             elif not future_loop.is_closed():
-                future_loop.call_soon_threadsafe(_resolve, future)
+                future_loop.call_soon_threadsafe(_resolve, item)
+
+    def _follow_travel(self) -> _TimeMachineTravel | _FreezegunTravel | None:
+        """The active travel to move at each step; one started since the last step is adopted:
+        its time becomes the current virtual instant."""
+        travel = _active_travel()
+        if travel is not None and travel.key is not self._travel_key:
+            with self._lock:
+                self._wall_base = travel.now_ns() - self._now
+                self._travel_key = travel.key
+        elif travel is None:
+            self._travel_key = None
+        return travel
 
     def __repr__(self) -> str:
         return f"<FakeClock now={self.now:g}s wall={self.now_datetime.isoformat()}>"
+
+
+def _timer_alive(item: VirtualTimer | ThreadSleep) -> bool:
+    if isinstance(item, ThreadSleep):
+        return not item.event.is_set()
+    return not item._fired and not item._cancelled
+
+
+def _realize(timer: VirtualTimer, remaining: float) -> None:
+    """After the clock is gone, a pending timer of a run fires in real time instead."""
+    loop = timer.loop
+    if loop.is_closed():
+        return
+
+    def schedule() -> None:
+        if not timer._cancelled:
+            timer._fired = True
+            timer._real = loop.call_later(max(remaining, 0.0), _virtual.run_timer, timer)
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        schedule()
+    else:
+        loop.call_soon_threadsafe(schedule)
+
+
+def _describe_driver(driver: object) -> str:
+    if isinstance(driver, asyncio.Task):
+        return f"task {driver.get_name()!r}"
+    if isinstance(driver, threading.Thread):
+        return f"thread {driver.name!r}"
+    return repr(driver)
 
 
 # The futures come from loop.create_future(): asyncio.Future (under uvloop too).
@@ -615,17 +993,25 @@ def _wall_ns_of(start: dt.datetime) -> int:
 class _TimeMachineTravel:
     def __init__(self, traveller: Any) -> None:
         self._traveller = traveller
+        self.key: object = traveller
 
     def move_to(self, when: dt.datetime) -> None:
         self._traveller.move_to(when, tick=False)
+
+    def now_ns(self) -> int:
+        return int(self._traveller.time_ns())
 
 
 class _FreezegunTravel:
     def __init__(self, factory: Any) -> None:
         self._factory = factory
+        self.key: object = factory
 
     def move_to(self, when: dt.datetime) -> None:
         self._factory.move_to(when)
+
+    def now_ns(self) -> int:
+        return _wall_ns_of(self._factory())  # a naive UTC datetime
 
 
 def _active_travel() -> _TimeMachineTravel | _FreezegunTravel | None:

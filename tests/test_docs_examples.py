@@ -45,7 +45,10 @@ def load(name: str) -> ModuleType:
 # -- the testing guide: tests collected as they are ------------------------------------------------
 
 sys.path.insert(0, str(SRC))  # so that they import ``myapp`` as a user's tests would
-for _module_name in ("testing_async", "testing_app", "testing_wall_clock", "testing_failures"):
+_TESTING_MODULES = ["testing_async", "testing_app", "testing_wall_clock", "testing_failures"]
+if sys.version_info >= (3, 11):  # its example uses asyncio.timeout
+    _TESTING_MODULES.append("testing_inside_runs")
+for _module_name in _TESTING_MODULES:
     for _name, _test in vars(importlib.import_module(_module_name)).items():
         if _name.startswith("test_") and inspect.isfunction(_test):
             assert _name not in globals(), f"two docs examples are named {_name}"

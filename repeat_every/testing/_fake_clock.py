@@ -779,10 +779,16 @@ class FakeClock:
         with self._lock:
             if self._busy:  # worker threads of runs at work
                 return False
-            asleep = self._asleep
-            for activity in self._awake:
-                if not activity.quiet(asleep.get(activity)) and _alive(activity.future):
-                    return False
+            awake = self._awake
+            if awake:
+                asleep = self._asleep
+                for activity in awake:
+                    if not activity.quiet(asleep.get(activity)) and _alive(activity.future):
+                        return False
+            else:
+                # A set never shrinks, and iterating it visits every slot it ever had: after
+                # 10,000 tasks started at once, a fresh one keeps each check O(woken).
+                self._awake = set()
             # Idle only if nothing at all is ready to run on the loop: a task woken by another
             # or by a cancellation, a callback on its way. Otherwise the clock could move on
             # (fire a timer, wake the next deadline) before code that acts at this instant ran.
@@ -880,8 +886,10 @@ class FakeClock:
         for item in due:
             if isinstance(item, VirtualTimer):
                 item_loop = item.loop
-                if item_loop is loop and loop is not None:
-                    item_loop.call_soon(_virtual.run_timer, item)
+                if item_loop is loop:
+                    # What the loop would do in its next iteration, without the iteration:
+                    # Handle._run runs the callback in the timer's context, errors reported.
+                    _virtual.run_timer(item)
                 elif not item_loop.is_closed():
                     item_loop.call_soon_threadsafe(_virtual.run_timer, item)
                 continue

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import subprocess
 import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -37,15 +40,14 @@ async def test_an_hour_of_a_job_that_sleeps_three_times_inside(fake_clock: FakeC
 
     handle = poll()
     await fake_clock.advance(3600)
+    assert handle.runs == 3600  # the run started at 3600 s still sleeps: left mid-run
+    await fake_clock.advance(0.3)  # ...and the next advance finishes it
     handle.cancel()
     records = fake_clock.history.of(poll)
-    assert handle.runs == 3600  # the run started at 3600 still sleeps: left mid-run
-    assert len(records) == 3600
-    assert [r.started for r in records[:3]] == [0.0, 1.0, 2.0]
+    assert handle.runs == len(records) == 3601
+    assert [r.started for r in records] == [float(k) for k in range(3601)]
     assert all(round(r.ended - r.started, 9) == 0.3 for r in records)
-    assert records[-1].ended == pytest.approx(3599.3)
-    await fake_clock.advance(0.3)  # ...and the next advance finishes it
-    assert handle.runs == 3600  # cancelled meanwhile: nothing more
+    assert records[-1].ended == 3600.3
 
 
 async def test_a_run_left_mid_run_is_continued_and_covered_ticks_are_skipped(
@@ -484,3 +486,34 @@ async def test_history_by_default_is_bounded_and_can_keep_all_or_none() -> None:
     assert (len(keep_none.history), keep_none.history.total) == (0, 6)
     with pytest.raises(ValueError, match="history must be"):
         FakeClock(history=-1)
+
+
+# -- the marker's mistakes ---------------------------------------------------------------------
+
+
+def test_the_marker_refuses_positional_and_unknown_arguments(tmp_path: Path) -> None:
+    (tmp_path / "test_marker.py").write_text(
+        textwrap.dedent(
+            """
+            import pytest
+
+            @pytest.mark.fake_clock(5)
+            def test_positional(fake_clock):
+                pass
+
+            @pytest.mark.fake_clock(strat=None)
+            def test_unknown(fake_clock):
+                pass
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "2 errors" in result.stdout, result.stdout
+    assert "takes keyword arguments only" in result.stdout
+    assert "unknown argument(s) strat; it takes start" in result.stdout

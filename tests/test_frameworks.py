@@ -290,3 +290,24 @@ def test_django_under_uvicorn_runs_the_job_every_period_and_stops_cleanly_on_sig
     assert "Finished server process" in text
     for trouble in ("unsupported", "Traceback", "Task was destroyed", "never retrieved"):
         assert trouble not in text
+
+
+# -- a plain asyncio script ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_plain_asyncio_script_logs_its_heartbeat_and_stops_quietly_on_ctrl_c() -> None:
+    with subprocess.Popen(
+        [sys.executable, str(SRC / "plain_asyncio.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as script:
+        assert script.stdout is not None
+        first = script.stdout.readline()  # the first heartbeat is due at once
+        script.send_signal(signal.SIGINT)  # Ctrl+C
+        rest = script.stdout.read()
+        assert script.wait(timeout=30) == 0, first + rest
+    assert first.endswith("__main__: still alive, 0 messages processed\n")
+    assert rest.endswith("__main__: stopped\n")
+    assert "Traceback" not in rest

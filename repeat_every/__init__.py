@@ -1,9 +1,9 @@
 """Periodic jobs for asyncio and FastAPI: no drift, no overlap, no silent failure.
 
 ``@repeat_every(seconds=...)`` turns a ``def`` or ``async def`` into a periodic job; calling
-the result starts it and returns a handle. [`lifespan`][repeat_every.lifespan] and
-[`run_tasks`][repeat_every.run_tasks] tie jobs to an application's life, and
-[`with_tasks`][repeat_every.with_tasks] gives them to any ASGI app (Django).
+the result starts it and returns a handle. [`lifespan`][] and
+[`run_tasks`][] tie jobs to an application's life, and
+[`with_tasks`][] gives them to any ASGI app (Django).
 ``repeat_every.testing`` steps every job in virtual time.
 
 Importing this package loads only the standard library (no FastAPI, Starlette, Redis or

@@ -75,7 +75,7 @@ def lifespan(*tasks: PeriodicTask[Any], app_lifespan: Lifespan[App] | None = Non
     them (gracefully, awaited) at shutdown. To keep the app's own lifespan, pass it as
     ``app_lifespan``: it is entered first and exited last, so the tasks can use what it sets
     up (a database pool, say), and the state it yields is passed through to the app.
-    For full control, use :func:`run_tasks` inside your own lifespan instead.
+    For full control, use [`run_tasks`][] inside your own lifespan instead.
     """
 
     @contextlib.asynccontextmanager

@@ -3,7 +3,7 @@
 Some ASGI applications have no lifespan of their own: Django's ``get_asgi_application()``
 refuses the ``lifespan`` scope, so under uvicorn's default ``--lifespan auto`` the server
 decides that the app does not support it, and tasks tied to it would never start (with
-``--lifespan on`` the server fails to start). :func:`with_tasks` wraps such an app: it answers
+``--lifespan on`` the server fails to start). [`with_tasks`][] wraps such an app: it answers
 the lifespan scope itself (starting the tasks at startup, stopping them at shutdown) and hands
 every other scope (``http``, ``websocket``) to the app unchanged.
 
@@ -32,7 +32,7 @@ def with_tasks(app: ASGIApp, *tasks: PeriodicTask[Any]) -> TasksApp:
     ``application = with_tasks(get_asgi_application(), cleanup)`` in Django's ``asgi.py``: the
     server's lifespan startup starts the tasks (in the order given), its shutdown stops them
     gracefully (a run in progress finishes) and waits for them, as
-    [`run_tasks`][repeat_every.run_tasks] does. The wrapper answers the ``lifespan`` scope
+    [`run_tasks`][] does. The wrapper answers the ``lifespan`` scope
     itself and never passes it to ``app``; every other scope goes to ``app`` untouched.
 
     If a task cannot start, the server is told ``lifespan.startup.failed`` with the reason
@@ -40,8 +40,8 @@ def with_tasks(app: ASGIApp, *tasks: PeriodicTask[Any]) -> TasksApp:
     ``--lifespan on`` and ``--lifespan auto`` (the default), hypercorn and daphne.
 
     An app that has a lifespan of its own (FastAPI, Starlette, Litestar, Quart) should use it
-    instead: [`lifespan`][repeat_every.lifespan] or [`run_tasks`][repeat_every.run_tasks]
-    inside it, so that its own startup code still runs.
+    instead: ``lifespan(...)`` or [`run_tasks`][] inside it, so that its own startup code
+    still runs.
     """
     if not callable(app):
         raise TypeError(
@@ -54,7 +54,7 @@ def with_tasks(app: ASGIApp, *tasks: PeriodicTask[Any]) -> TasksApp:
 class TasksApp:
     """An ASGI application that runs ``tasks`` during the lifespan and ``app`` for the rest.
 
-    Made by [`with_tasks`][repeat_every.with_tasks]; ``app`` and ``tasks`` are what it
+    Made by [`with_tasks`][]; ``app`` and ``tasks`` are what it
     was given.
     """
 

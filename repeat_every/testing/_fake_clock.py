@@ -3,7 +3,7 @@
 Prior art: trio's ``MockClock`` (virtual time that only moves when told) and time-machine
 (integer nanoseconds underneath). What neither can do, and this does, is know when a
 periodic task has *finished its run*: every task started under the clock reports to it, so
-:meth:`FakeClock.advance` can wake the tasks due at a deadline and wait until each one has run
+[`FakeClock.advance`][] can wake the tasks due at a deadline and wait until each one has run
 and is asleep again before moving on.
 """
 
@@ -36,7 +36,7 @@ _FAST_YIELDS = 4
 class RunStalledError(AssertionError):
     """A run did not finish within the clock's real-time ``timeout``.
 
-    Under a :class:`FakeClock`, virtual time stands still while a run is in progress, so a
+    Under a [`FakeClock`][], virtual time stands still while a run is in progress, so a
     run that waits on anything but the fake clock (a real ``asyncio.sleep``, an event nobody
     sets) would hang the test; this error ends the wait instead and names the culprits.
     """
@@ -77,7 +77,7 @@ _Entry = tuple[int, int, int, "asyncio.Future[None]", _Activity]
 class RunHistory(Sequence[RunRecord]):
     """Every attempt of every run under a clock, in the order the attempts ended.
 
-    Tasks may be named by their name, their :class:`~repeat_every.PeriodicTask` or a handle.
+    Tasks may be named by their name, their [`PeriodicTask`][] or a handle.
     Safe to read from any thread.
     """
 
@@ -135,15 +135,15 @@ class FakeClock:
     the default ``clock`` and ``sleep`` of every task *started* under it; application code does
     not change. Users may rely on:
 
-    - **Exact time.** Virtual time is kept in integer nanoseconds; :attr:`now` starts at 0.0
+    - **Exact time.** Virtual time is kept in integer nanoseconds; [`now`][] starts at 0.0
       and 86,400 ``advance(1)`` calls land exactly on 86,400.0.
-    - **Deterministic steps.** :meth:`advance` runs every run due up to and including
+    - **Deterministic steps.** [`advance`][] runs every run due up to and including
       ``now + seconds``, one deadline at a time in deadline order (ties: the order the tasks
       started), and at each deadline waits until every woken task has finished its run (runs
       in worker threads included) and is asleep again or has ended. Runs take no virtual time
-      unless they await :meth:`sleep`.
+      unless they await [`sleep`][].
     - **No hangs.** A run that waits on something other than this clock for longer than
-      ``timeout`` real seconds raises :class:`RunStalledError` naming the task and the
+      ``timeout`` real seconds raises [`RunStalledError`][] naming the task and the
       virtual instant.
     - **Wall clock in step.** The clock has a virtual wall time (``start``, or the current time)
       that moves with it; cron and aligned schedules read it. If freezegun's ``freeze_time``
@@ -151,7 +151,7 @@ class FakeClock:
       a run is the virtual instant. With ``start=`` and ``travel=True`` (the default) the clock
       starts such a travel itself (time-machine if installed, else freezegun) and ends it when
       uninstalled.
-    - **Sync tests.** :meth:`advance_blocking` does the same from a thread that is not running
+    - **Sync tests.** [`advance_blocking`][] does the same from a thread that is not running
       an event loop, for apps driven by FastAPI's ``TestClient`` in another thread.
 
     Tasks started with their own ``clock=``/``sleep=`` arguments do not use this clock.
@@ -247,13 +247,13 @@ class FakeClock:
 
     @property
     def timeout(self) -> float:
-        """Real seconds a run may take before :class:`RunStalledError`."""
+        """Real seconds a run may take before [`RunStalledError`][]."""
         return self._timeout
 
     # -- the Timebase protocol (what tasks call) ---------------------------------------------
 
     def monotonic(self) -> float:
-        """Virtual monotonic seconds (the same as :attr:`now`)."""
+        """Virtual monotonic seconds (the same as [`now`][])."""
         return self._now / NS
 
     def monotonic_ns(self) -> int:
@@ -268,7 +268,7 @@ class FakeClock:
         """Wait ``seconds`` of virtual time; a job in a test may await this to take time.
 
         Returns an awaitable (a future: wrap it in a coroutine to pass it to ``create_task``).
-        ``seconds <= 0`` only yields to the event loop, like :func:`asyncio.sleep`.
+        ``seconds <= 0`` only yields to the event loop, like `asyncio.sleep`.
         """
         if seconds <= 0:
             return asyncio.sleep(0)
@@ -280,7 +280,7 @@ class FakeClock:
         return self._sleep_of(activity, task.get_loop(), seconds)
 
     def hot_path(self) -> tuple[Callable[[], int], Callable[[float], Awaitable[None]]]:
-        """:meth:`monotonic_ns`, and :meth:`sleep` bound to the calling task (its loop calls it)."""
+        """`monotonic_ns`, and [`sleep`][] bound to the calling task (its loop calls it)."""
         task = asyncio.current_task()
         assert task is not None, "called by a task's loop, inside the task"
         with self._lock:
@@ -418,7 +418,7 @@ class FakeClock:
     async def step(self) -> float | None:
         """Advance to the next pending deadline and run what is due there.
 
-        Returns the new :attr:`now`, or ``None`` (time unchanged) when nothing is pending.
+        Returns the new [`now`][], or ``None`` (time unchanged) when nothing is pending.
         """
         loop = asyncio.get_running_loop()
         await self._settle(loop)
@@ -444,7 +444,7 @@ class FakeClock:
     # -- stepping (blocking) -----------------------------------------------------------------
 
     def advance_blocking(self, seconds: float) -> None:
-        """:meth:`advance` for sync tests: the tasks run in another thread's event loop.
+        """[`advance`][] for sync tests: the tasks run in another thread's event loop.
 
         Call it from a thread with no running event loop (a plain ``def`` test driving
         FastAPI's ``TestClient``, for instance); it returns when virtual time has reached
@@ -462,7 +462,7 @@ class FakeClock:
             self._settle_blocking()
 
     def step_blocking(self) -> float | None:
-        """:meth:`step` for sync tests (see :meth:`advance_blocking`)."""
+        """[`step`][] for sync tests (see [`advance_blocking`][])."""
         _require_no_running_loop("step_blocking", "await clock.step()")
         self._settle_blocking()
         nxt = self._next_deadline()
@@ -472,7 +472,7 @@ class FakeClock:
         return self.now
 
     def run_due_blocking(self) -> None:
-        """:meth:`run_due` for sync tests (see :meth:`advance_blocking`)."""
+        """[`run_due`][] for sync tests (see [`advance_blocking`][])."""
         self.advance_blocking(0)
 
     def _settle_blocking(self) -> None:

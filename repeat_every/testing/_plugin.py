@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 def fake_clock() -> Iterator[FakeClock]:
-    """A :class:`~repeat_every.testing.FakeClock`, installed for this test.
+    """A `FakeClock`, installed for this test.
 
     Tasks started during the test step in virtual time; works in ``async def`` tests (any
     pytest-asyncio mode) and in sync tests (use the ``*_blocking`` methods there). The clock's

@@ -149,8 +149,22 @@ async def test_quart_while_serving_refreshes_the_rates_and_stops_after_serving(
 
 
 def django_asgi() -> ModuleType:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
-    return importlib.import_module("mysite.asgi")
+    """The Django project's ``asgi`` module, set up in this process.
+
+    Setting Django up sets the process's time zone (``TZ``) to ``settings.TIME_ZONE``, and
+    ``asgi.py`` sets ``DJANGO_SETTINGS_MODULE``: both are put back so that the tests after this
+    one see the process as they would alone.
+    """
+    tz = os.environ.get("TZ")
+    try:
+        return importlib.import_module("mysite.asgi")
+    finally:
+        os.environ.pop("DJANGO_SETTINGS_MODULE", None)
+        if tz is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = tz
+        time.tzset()
 
 
 def test_django_project_with_tasks_refreshes_the_rates_and_serves_the_job_state(

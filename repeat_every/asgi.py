@@ -37,7 +37,8 @@ def with_tasks(app: ASGIApp, *tasks: PeriodicTask[Any]) -> TasksApp:
 
     If a task cannot start, the server is told ``lifespan.startup.failed`` with the reason
     (uvicorn then exits instead of serving without its jobs). Works with uvicorn's
-    ``--lifespan on`` and ``--lifespan auto`` (the default), hypercorn and daphne.
+    ``--lifespan on`` and ``--lifespan auto`` (the default), and with any server that speaks
+    the ASGI lifespan protocol.
 
     An app that has a lifespan of its own (FastAPI, Starlette, Litestar, Quart) should use it
     instead: ``lifespan(...)`` or [`run_tasks`][] inside it, so that its own startup code

@@ -164,7 +164,8 @@ def django_asgi() -> ModuleType:
             os.environ.pop("TZ", None)
         else:
             os.environ["TZ"] = tz
-        time.tzset()
+        if hasattr(time, "tzset"):  # not on Windows
+            time.tzset()
 
 
 def test_django_project_with_tasks_refreshes_the_rates_and_serves_the_job_state(

@@ -1,8 +1,9 @@
-"""Beyond FastAPI: Starlette, Litestar, Quart and Django (through ``with_tasks``).
+"""Beyond FastAPI: Starlette, Litestar, Quart and Django (through ``with_tasks``); uvloop.
 
 Each framework's example of docs/frameworks.md (``docs/src/*_app.py``, ``docs/src/mysite``)
 runs here under a ``FakeClock``; the Django project is also served by a real uvicorn process,
-with ``--lifespan on`` and with uvicorn's default ``--lifespan auto``.
+with ``--lifespan on`` and with uvicorn's default ``--lifespan auto`` (on uvloop, which uvicorn
+picks when it is installed, as the ``test`` extra does outside Windows).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Coroutine, MutableMapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,7 +29,7 @@ from litestar import Litestar
 from servers import free_port
 from starlette.testclient import TestClient
 
-from repeat_every import repeat_every, with_tasks
+from repeat_every import repeat_every, run_tasks, with_tasks
 from repeat_every.asgi import TasksApp
 from repeat_every.testing import FakeClock
 
@@ -326,3 +328,45 @@ def test_plain_asyncio_script_logs_its_heartbeat_and_stops_quietly_on_ctrl_c() -
     assert first.endswith("__main__: still alive, 0 messages processed\n")
     assert rest.endswith("__main__: stopped\n")
     assert "Traceback" not in rest
+
+
+# -- uvloop ----------------------------------------------------------------------------------------
+
+
+def on_uvloop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    uvloop = pytest.importorskip("uvloop")  # not on Windows: uvloop does not support it
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_tasks_run_on_uvloop_in_real_time() -> None:
+    starts: list[float] = []
+
+    @repeat_every(seconds=0.02, max_repetitions=3)
+    async def job() -> None:
+        starts.append(time.monotonic())
+
+    async def main() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        async with run_tasks(job) as (handle,):
+            await asyncio.wait_for(handle.wait(), timeout=10)
+
+    on_uvloop(main)
+    assert len(starts) == 3
+    assert all(later > earlier for earlier, later in itertools.pairwise(starts))
+
+
+def test_fake_clock_steps_tasks_on_uvloop() -> None:
+    @repeat_every(seconds=60)
+    def job() -> None: ...
+
+    async def main() -> None:
+        with FakeClock() as clock:
+            async with run_tasks(job):
+                await clock.advance(180)
+        assert clock.history.started(job) == [0, 60, 120, 180]
+
+    on_uvloop(main)

@@ -1,8 +1,10 @@
 """Periodic jobs for asyncio and FastAPI: no drift, no overlap, no silent failure.
 
 ``@repeat_every(seconds=...)`` turns a ``def`` or ``async def`` into a periodic job; calling
-the result starts it and returns a handle. :func:`lifespan` and :func:`run_tasks` tie jobs to
-an application's life. ``repeat_every.testing`` steps every job in virtual time.
+the result starts it and returns a handle. [`lifespan`][] and
+[`run_tasks`][] tie jobs to an application's life, and
+[`with_tasks`][] gives them to any ASGI app (Django).
+``repeat_every.testing`` steps every job in virtual time.
 
 Importing this package loads only the standard library (no FastAPI, Starlette, Redis or
 database driver): integrations import their dependencies when they are used.
@@ -21,6 +23,7 @@ from ._records import TaskState as TaskState
 from ._task import PeriodicTask as PeriodicTask
 from ._task import TaskHandle as TaskHandle
 from ._task import running_handles as running_handles
+from .asgi import with_tasks as with_tasks
 
 __version__ = "0.1.0"
 
@@ -38,4 +41,5 @@ __all__ = [
     "repeat_every",
     "run_tasks",
     "running_handles",
+    "with_tasks",
 ]

@@ -12,7 +12,7 @@ StoreErrorPolicy = Literal["skip", "run"]
 class ClaimStore(Protocol):
     """Decides which process runs a tick.
 
-    Before each run, a task with a store calls :meth:`claim` with its name and the tick's
+    Before each run, a task with a store calls `claim` with its name and the tick's
     wall-clock key; only the caller that gets ``True`` runs the tick. A claim is never released
     early (so a slow peer cannot run the same tick afterwards) and expires by itself after
     ``ttl`` seconds, so storage stays bounded. Any exception means "the store is unreachable":

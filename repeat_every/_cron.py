@@ -114,7 +114,7 @@ class Cron:
         return f"cron {self.expression!r} in {_zone_name(self.tz)}"
 
     def next_after(self, when: dt.datetime) -> dt.datetime:
-        """The first fire time strictly after ``when`` (naive means UTC), in :attr:`tz`.
+        """The first fire time strictly after ``when`` (naive means UTC), in `tz`.
 
         Handy to check a schedule by hand: ``task.schedule.next_after(datetime.now(UTC))``.
         """
@@ -226,10 +226,10 @@ def repeat_at(
 
     ``@repeat_at(cron="0 9 * * MON-FRI", tz="Europe/Paris")`` runs at 09:00 Paris time on
     weekdays, summer and winter. Calling the result starts its loop and returns a
-    :class:`TaskHandle`, exactly as with :func:`repeat_every`.
+    [`TaskHandle`][], exactly as with [`repeat_every`][].
 
     - ``cron``: five fields, ``minute hour day-of-month month day-of-week``, or a macro such
-      as ``"@daily"``; see :class:`Cron` for the syntax and what happens at DST changes.
+      as ``"@daily"``; see the cron guide of the docs for the syntax and DST changes.
     - ``tz``: the zone the fields are read in: an IANA name (``"Europe/Paris"``) or a
       ``datetime.tzinfo`` (``zoneinfo.ZoneInfo``, ``datetime.timezone.utc``; a pytz zone is
       replaced by the ``ZoneInfo`` of the same name). The default is ``"UTC"``: the same on
@@ -238,7 +238,7 @@ def repeat_at(
       must be shorter than the shortest gap between two fire times.
     - ``logger``, ``raise_exceptions``, ``max_repetitions``, ``on_complete``,
       ``on_exception``, ``clock``, ``sleep``, ``name``, ``timeout``, ``retry``, ``seed``,
-      ``store``, ``on_store_error``, ``claim_ttl``: as for :func:`repeat_every`. A retry never
+      ``store``, ``on_store_error``, ``claim_ttl``: as for [`repeat_every`][]. A retry never
       runs past the next fire time.
 
     There is no ``seconds``, ``wait_first``, ``fixed_delay`` or ``align``: the expression

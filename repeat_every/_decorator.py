@@ -1,4 +1,4 @@
-"""``@repeat_every``: argument checking at decoration, then a :class:`PeriodicTask`."""
+"""``@repeat_every``: argument checking at decoration, then a [`PeriodicTask`][]."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def repeat_every(
     - ``max_repetitions``: stop after this many runs (failed runs count), then call
       ``on_complete``.
     - ``on_complete()``: sync or async, called once right after the last run (also after a
-      graceful :meth:`TaskHandle.stop`).
+      graceful [`TaskHandle.stop`][]).
     - ``on_exception(exc)``: sync or async, called for each failed run (after its retries);
       if it raises, the loop ends with that exception.
 
@@ -73,8 +73,8 @@ def repeat_every(
       ``repeat_every.testing.FakeClock`` replaces. Give one and the other is the system's.
     - ``name``: the task's name in logs, records and claim stores (default: the function's
       module and qualified name).
-    - ``timeout``: seconds a run may take; see :class:`RunTimeoutError`.
-    - ``retry``: a :class:`Retry` policy for failed runs.
+    - ``timeout``: seconds a run may take; see [`RunTimeoutError`][].
+    - ``retry``: a [`Retry`][] policy for failed runs.
     - ``jitter`` and ``seed``: each run starts a random ``[0, jitter)`` seconds after its tick,
       drawn from ``random.Random(seed)``.
     - ``store``, ``on_store_error``, ``claim_ttl``: run each tick once across processes; see

@@ -17,6 +17,15 @@ App = TypeVar("App")
 Lifespan = Callable[[App], contextlib.AbstractAsyncContextManager[Any]]
 
 
+def check_tasks(caller: str, tasks: tuple[object, ...]) -> None:
+    """Refuse anything but decorated tasks, naming ``caller`` and the offending value."""
+    for task in tasks:
+        if not isinstance(task, PeriodicTask):
+            raise TypeError(
+                f"{caller} takes tasks decorated with @repeat_every or @repeat_at, not {task!r}"
+            )
+
+
 @contextlib.asynccontextmanager
 async def run_tasks(*tasks: PeriodicTask[Any]) -> AsyncIterator[tuple[TaskHandle, ...]]:
     """Start ``tasks`` on entry and stop them on exit; yields their handles in order.
@@ -32,11 +41,7 @@ async def run_tasks(*tasks: PeriodicTask[Any]) -> AsyncIterator[tuple[TaskHandle
             async with run_tasks(refresh_cache, drop_expired_tokens):
                 await serve_forever()
     """
-    for task in tasks:
-        if not isinstance(task, PeriodicTask):
-            raise TypeError(
-                f"run_tasks takes tasks decorated with @repeat_every or @repeat_at, not {task!r}"
-            )
+    check_tasks("run_tasks", tasks)
     handles: list[TaskHandle] = []
     try:
         for task in tasks:
@@ -70,7 +75,7 @@ def lifespan(*tasks: PeriodicTask[Any], app_lifespan: Lifespan[App] | None = Non
     them (gracefully, awaited) at shutdown. To keep the app's own lifespan, pass it as
     ``app_lifespan``: it is entered first and exited last, so the tasks can use what it sets
     up (a database pool, say), and the state it yields is passed through to the app.
-    For full control, use :func:`run_tasks` inside your own lifespan instead.
+    For full control, use [`run_tasks`][] inside your own lifespan instead.
     """
 
     @contextlib.asynccontextmanager

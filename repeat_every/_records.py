@@ -39,7 +39,7 @@ class RunRecord(NamedTuple):
 
     @property
     def wall_started(self) -> dt.datetime:
-        """:attr:`wall` as an aware UTC datetime."""
+        """`wall` as an aware UTC datetime."""
         return dt.datetime.fromtimestamp(self.wall, dt.timezone.utc)
 
 

@@ -1,7 +1,7 @@
 """When runs happen: fixed rate, fixed delay, wall-clock aligned grids (cron lives in _cron).
 
-A :class:`Schedule` is the immutable description given at decoration; when a task starts it
-makes a :class:`Plan`, which owns the moving parts for that one loop. All instants are integer
+A `Schedule` is the immutable description given at decoration; when a task starts it
+makes a `Plan`, which owns the moving parts for that one loop. All instants are integer
 nanoseconds on the task's monotonic clock, so a grid never accumulates rounding error.
 """
 

@@ -62,10 +62,10 @@ class TaskOptions:
 
 
 class PeriodicTask(Generic[R]):
-    """A function turned into a periodic job by :func:`repeat_every` or :func:`repeat_at`.
+    """A function turned into a periodic job by [`repeat_every`][] or [`repeat_at`][].
 
     Calling it (with no arguments) starts its loop in the background on the running event
-    loop and returns a :class:`TaskHandle`; ``await task()`` also works, as in fastapi-utils'
+    loop and returns a [`TaskHandle`][]; ``await task()`` also works, as in fastapi-utils'
     documentation. It can be started again once its loop has ended, and in several event
     loops at once, but only once per event loop at a time: two loops of the same job in one
     event loop would overlap, which is what this library exists to prevent.
@@ -134,19 +134,19 @@ class _LoopEnd(Exception):
 
 
 class TaskHandle:
-    """One running loop of a :class:`PeriodicTask`.
+    """One running loop of a [`PeriodicTask`][].
 
     Users may rely on:
 
-    - :meth:`stop` lets the current run finish and starts no new one; :meth:`cancel` also
+    - [`stop`][] lets the current run finish and starts no new one; [`cancel`][] also
       cancels an ``async def`` run in progress (a ``def`` run in its thread cannot be
       interrupted and finishes in the background).
     - ``await handle.wait()`` returns when the loop has ended and re-raises the exception that
       ended it (``raise_exceptions=True`` or a hook that raised). An ending exception that
       nobody is awaiting goes to the event loop's exception handler instead: it never
       disappears.
-    - The counters and :attr:`state` are safe to read at any moment from the event loop's
-      thread; :attr:`state` is a consistent snapshot.
+    - The counters and [`state`][] are safe to read at any moment from the event loop's
+      thread; [`state`][] is a consistent snapshot.
     - The library holds a strong reference to the handle while its loop runs.
     - ``await handle`` returns the handle at once (so ``await task()`` works).
     """
@@ -336,7 +336,7 @@ class TaskHandle:
     async def wait(self) -> None:
         """Wait for the loop to end; re-raise the exception that ended it, if any.
 
-        Returns normally after :meth:`stop`, :meth:`cancel`, ``max_repetitions``, or a
+        Returns normally after [`stop`][], [`cancel`][], ``max_repetitions``, or a
         cancellation from outside (such as the event loop shutting down). Cancelling the
         waiter does not cancel the loop.
         """
@@ -349,7 +349,7 @@ class TaskHandle:
             raise self._exception
 
     async def aclose(self) -> None:
-        """:meth:`stop`, then wait for the end without raising (failures were reported)."""
+        """[`stop`][], then wait for the end without raising (failures were reported)."""
         self.stop()
         await self._timebase.join(self._task)
 

@@ -1,7 +1,7 @@
 """Where a periodic task reads the time and how it waits.
 
 A task never calls ``time.monotonic`` or ``asyncio.sleep`` directly: it asks its
-:class:`Timebase`. In production that is :class:`SystemTimebase`; a test installs a
+`Timebase`. In production that is `SystemTimebase`; a test installs a
 ``repeat_every.testing.FakeClock`` as the process-wide default, and every task *started* while
 it is installed steps in virtual time. Decoration happens at import time, long before a test
 runs, so the default is read when a task starts, never when it is decorated.
@@ -23,10 +23,10 @@ if TYPE_CHECKING:
     from ._records import RunRecord
 
 ClockFunc = Callable[[], float]
-"""Monotonic seconds, like :func:`time.monotonic`."""
+"""Monotonic seconds, like `time.monotonic`."""
 
 SleepFunc = Callable[[float], Awaitable[Any]]
-"""Waits that many seconds, like :func:`asyncio.sleep`."""
+"""Waits that many seconds, like `asyncio.sleep`."""
 
 
 class Timebase(Protocol):
@@ -36,20 +36,20 @@ class Timebase(Protocol):
         """Monotonic seconds; only differences between two readings mean anything."""
 
     def monotonic_ns(self) -> int:
-        """:meth:`monotonic` in integer nanoseconds (what the loop reads)."""
+        """`monotonic` in integer nanoseconds (what the loop reads)."""
 
     def sleep(self, seconds: float) -> Awaitable[Any]:
         """Wait ``seconds`` (a value ≤ 0 only yields to the event loop)."""
 
     def hot_path(self) -> tuple[Callable[[], int], SleepFunc]:
-        """:meth:`monotonic_ns` and :meth:`sleep` for the calling task's loop, at least cost.
+        """`monotonic_ns` and `sleep` for the calling task's loop, at least cost.
 
         Called once, inside the task's loop; the loop then reads the clock and sleeps through
         the two functions returned, once or twice per run.
         """
 
     def wall(self) -> float:
-        """Wall-clock seconds since the Unix epoch, like :func:`time.time`."""
+        """Wall-clock seconds since the Unix epoch, like `time.time`."""
 
     def task_started(self, task: asyncio.Task[Any]) -> None:
         """A periodic task's loop was created (before its first step)."""
@@ -65,14 +65,14 @@ class Timebase(Protocol):
 
     @property
     def wants_records(self) -> bool:
-        """Whether :meth:`run_finished` wants a record of every attempt."""
+        """Whether `run_finished` wants a record of every attempt."""
 
     def run_finished(self, record: RunRecord) -> None:
-        """An attempt of a run ended (only called when :attr:`wants_records`)."""
+        """An attempt of a run ended (only called when `wants_records`)."""
 
 
 class SystemTimebase:
-    """Real time: :func:`time.monotonic`, :func:`asyncio.sleep` and :func:`time.time`.
+    """Real time: `time.monotonic`, `asyncio.sleep` and `time.time`.
 
     Notifications are ignored. The time functions are looked up at each call, so freezegun
     and time-machine move the wall clock that cron schedules read.
@@ -94,7 +94,7 @@ class SystemTimebase:
         return self._sleep(seconds)
 
     def hot_path(self) -> tuple[Callable[[], int], SleepFunc]:
-        """:meth:`monotonic_ns` and :meth:`sleep` without this object's indirection.
+        """`monotonic_ns` and `sleep` without this object's indirection.
 
         A running loop reads the clock twice and sleeps once per run; calling the underlying
         functions directly saves two Python calls per run (measured in ``bench/``).

@@ -45,7 +45,14 @@ def load(name: str) -> ModuleType:
 # -- the testing guide: tests collected as they are ------------------------------------------------
 
 sys.path.insert(0, str(SRC))  # so that they import ``myapp`` as a user's tests would
-_TESTING_MODULES = ["testing_async", "testing_app", "testing_wall_clock", "testing_failures"]
+_TESTING_MODULES = [
+    "testing_async",
+    "testing_app",
+    "testing_wall_clock",
+    "testing_failures",
+    "testing_anyio",
+    "cron_testing",
+]
 if sys.version_info >= (3, 11):  # its example uses asyncio.timeout
     _TESTING_MODULES.append("testing_inside_runs")
 for _module_name in _TESTING_MODULES:
@@ -155,6 +162,20 @@ async def test_def_jobs_run_in_a_worker_thread_and_async_def_jobs_on_the_loop(
         await handle.aclose()
     assert example.seen["ping_upstream"] == threading.get_ident()
     assert example.seen["compact_files"] != threading.get_ident()
+
+
+# -- cron and time zones --------------------------------------------------------------------------
+
+
+def test_cron_zones_example_fires_in_the_zone_each_task_names() -> None:
+    example = load("cron_zones")
+    friday_noon = dt.datetime(2026, 3, 27, 12, tzinfo=UTC)  # Paris moves to summer time Sunday
+    monday = example.send_digest.schedule.next_after(friday_noon)
+    assert monday.astimezone(UTC) == dt.datetime(2026, 3, 30, 7, tzinfo=UTC)  # 09:00 CEST
+    first = example.close_the_month.schedule.next_after(dt.datetime(2026, 1, 15, tzinfo=UTC))
+    assert first.astimezone(UTC) == dt.datetime(2026, 2, 1, 5, tzinfo=UTC)  # 00:00 EST
+    quarter = example.poll_the_feed.schedule.next_after(dt.datetime(2026, 1, 15, 12, 7, tzinfo=UTC))
+    assert quarter.astimezone(UTC) == dt.datetime(2026, 1, 15, 12, 15, tzinfo=UTC)
 
 
 # -- exceptions and hooks --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 from servers import free_port
 from sqlalchemy import create_engine, text
 
+from examples.tokens_app.__main__ import SEED, seed
 from examples.tokens_app.db import create_tables
 from examples.tokens_app.main import create_app
 from examples.tokens_app.settings import Settings
@@ -195,6 +196,18 @@ RUN_LINE = re.compile(
     r"^\S+ (\d\d):(\d\d):(\d\d),(\d{3}) INFO +\[(\d+)\] examples\.tokens_app: "
     r"remove_expired_tokens: removed"
 )
+
+
+def test_the_demo_command_seeds_its_tokens_once_however_often_it_restarts(
+    settings: Settings,
+) -> None:
+    seed(settings.database_url)
+    seed(settings.database_url)  # a restart: the database file is still there
+    engine = create_engine(settings.database_url)
+    with engine.connect() as db:
+        names = sorted(db.scalars(text("SELECT name FROM tokens")))
+    engine.dispose()
+    assert names == sorted(name for name, _ in SEED)
 
 
 @pytest.mark.slow

@@ -13,6 +13,9 @@ import pytest
 FORBIDDEN = (
     "fastapi",
     "starlette",
+    "django",
+    "litestar",
+    "quart",
     "redis",
     "asyncpg",
     "psycopg",

@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import logging
 
 from repeat_every import repeat_every, run_tasks
@@ -25,4 +26,7 @@ async def main(queue: asyncio.Queue[str]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(asyncio.Queue()))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: the heartbeat is cancelled, quietly
+        asyncio.run(main(asyncio.Queue()))
+    log.info("stopped")

@@ -1,11 +1,13 @@
 import datetime as dt
 
+import pytest
 from myapp.jobs import remove_expired_tokens, tokens
 
 from repeat_every import run_tasks
 from repeat_every.testing import FakeClock
 
 
+@pytest.mark.asyncio  # pytest-asyncio's default strict mode needs it on async tests
 async def test_cleanup_runs_every_hour(fake_clock: FakeClock) -> None:
     async with run_tasks(remove_expired_tokens) as (handle,):
         await fake_clock.advance(3 * 60 * 60)  # three virtual hours, in milliseconds
@@ -15,6 +17,7 @@ async def test_cleanup_runs_every_hour(fake_clock: FakeClock) -> None:
         assert handle.next_run == 4 * 3600
 
 
+@pytest.mark.asyncio
 async def test_a_token_is_removed_by_the_first_cleanup_after_it_expires() -> None:
     start = dt.datetime(2025, 1, 6, 8, 0, tzinfo=dt.timezone.utc)
     tokens["ci"] = start + dt.timedelta(minutes=90)  # expires at 09:30

@@ -19,6 +19,7 @@ def partner_answering(*answers: str) -> Callable[[], Awaitable[None]]:
     return call_partner
 
 
+@pytest.mark.asyncio
 async def test_a_failed_attempt_is_retried_with_backoff_and_logged(
     fake_clock: FakeClock, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

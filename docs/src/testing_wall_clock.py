@@ -1,5 +1,6 @@
 import datetime as dt
 
+import pytest
 import time_machine
 from freezegun import freeze_time
 from myapp.jobs import remove_expired_tokens, send_digest, tokens
@@ -11,6 +12,7 @@ UTC = dt.timezone.utc
 
 
 # --8<-- [start:freezegun]
+@pytest.mark.asyncio
 async def test_expired_tokens_go_at_the_next_hour_with_freezegun() -> None:
     tokens["ci"] = dt.datetime(2025, 1, 6, 9, 30, tzinfo=UTC)
     with freeze_time("2025-01-06 08:00:00"), FakeClock() as clock:
@@ -23,6 +25,7 @@ async def test_expired_tokens_go_at_the_next_hour_with_freezegun() -> None:
 
 # --8<-- [end:freezegun]
 # --8<-- [start:time_machine]
+@pytest.mark.asyncio
 async def test_expired_tokens_go_at_the_next_hour_with_time_machine() -> None:
     tokens["ci"] = dt.datetime(2025, 1, 6, 9, 30, tzinfo=UTC)
     start = dt.datetime(2025, 1, 6, 8, tzinfo=UTC)
@@ -36,6 +39,7 @@ async def test_expired_tokens_go_at_the_next_hour_with_time_machine() -> None:
 
 # --8<-- [end:time_machine]
 # --8<-- [start:cron]
+@pytest.mark.asyncio
 async def test_digest_goes_out_at_nine_in_paris_across_the_dst_change() -> None:
     friday = dt.datetime(2025, 3, 28, 12, tzinfo=UTC)  # clocks go forward on Sunday 30 March
     with FakeClock(start=friday) as clock:

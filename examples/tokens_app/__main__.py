@@ -15,10 +15,10 @@ import os
 from typing import Any
 
 import uvicorn
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, delete
 from sqlalchemy.orm import sessionmaker
 
-from .db import create_tables, create_token
+from .db import Token, create_tables, create_token
 from .settings import Settings
 
 LOG_CONFIG: dict[str, Any] = {
@@ -40,6 +40,21 @@ LOG_CONFIG: dict[str, Any] = {
 """One format for every logger, with the process id (handy with ``--workers``)."""
 
 SEED = (("expires-in-4s", 4), ("expires-in-12s", 12), ("expires-tomorrow", 24 * 3600))
+
+
+def seed(database_url: str) -> None:
+    """Store the demo tokens, replacing those of an earlier run.
+
+    The database outlives the process (it is a file in the temporary directory), so a restart
+    must not add the same tokens again: the seed tokens are deleted, then created afresh.
+    """
+    engine = create_engine(database_url)
+    create_tables(engine)
+    with sessionmaker(engine).begin() as db:
+        db.execute(delete(Token).where(Token.name.in_([name for name, _ in SEED])))
+        for name, seconds in SEED:
+            create_token(db, name, dt.timedelta(seconds=seconds))
+    engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.config.dictConfig(LOG_CONFIG)
     log = logging.getLogger("examples.tokens_app")
     if not args.no_seed:
-        engine = create_engine(settings.database_url)
-        create_tables(engine)
-        with sessionmaker(engine).begin() as db:
-            for name, seconds in SEED:
-                create_token(db, name, dt.timedelta(seconds=seconds))
-        engine.dispose()
+        seed(settings.database_url)
         log.info("seeded %d tokens into %s", len(SEED), settings.database_url)
     log.info(
         "try: curl localhost:%d/tasks   curl localhost:%d/tokens   (Ctrl+C stops)",

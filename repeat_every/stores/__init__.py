@@ -3,9 +3,9 @@
 Give one to ``@repeat_every(seconds=..., store=...)`` (or ``repeat_at``): before each run the
 task claims ``(its name, the tick)`` in the store, and only the process that wins runs it.
 
-- :class:`SQLiteClaimStore`: one file, no server; every process of one host.
-- :class:`RedisClaimStore`: a Redis (or Valkey) server; many hosts. Extra ``[redis]``.
-- :class:`PostgresClaimStore`: a PostgreSQL database; many hosts. Extra ``[postgres]``.
+- [`SQLiteClaimStore`][]: one file, no server; every process of one host.
+- [`RedisClaimStore`][]: a Redis (or Valkey) server; many hosts. Extra ``[redis]``.
+- [`PostgresClaimStore`][]: a PostgreSQL database; many hosts. Extra ``[postgres]``.
 
 Importing this module imports none of their drivers (not even ``sqlite3``): each store imports
 its own on its first claim. See docs/many-workers.md for the guarantee and how to choose.

@@ -93,7 +93,7 @@ def check_claim(task: object, tick: object, ttl: object) -> None:
 
 
 class PerLoop(Generic[T]):
-    """One client (or pool) per event loop, closed by :meth:`aclose` or when its loop ends.
+    """One client (or pool) per event loop, closed by `aclose` or when its loop ends.
 
     Async clients (redis.asyncio, asyncpg) belong to the event loop that made them, and a
     forked worker must not share its parent's sockets. A store is often made once, at import

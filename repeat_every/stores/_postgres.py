@@ -39,7 +39,7 @@ class PostgresClaimStore:
       connects afresh, so claims resume when the server is back. A claim never waits more
       than ``timeout`` seconds.
     - **Your pool, your lifetime.** Given an asyncpg ``pool``, the store uses it and
-      :meth:`aclose` leaves it open.
+      `aclose` leaves it open.
     """
 
     def __init__(

@@ -36,7 +36,7 @@ class RedisClaimStore:
       reached the server is never sent twice, so a lost reply costs a tick rather than
       running it twice.
     - **Your client, your lifetime.** Given a ``client``, the store uses it as it is (its own
-      retry and time-out settings) and :meth:`aclose` does not close it.
+      retry and time-out settings) and `aclose` does not close it.
 
     A Redis primary that fails over to a replica before replicating a claim can let a second
     process win that tick: see docs/many-workers.md.

@@ -23,8 +23,8 @@ class SQLiteClaimStore:
 
     No server to run: every process that opens the same ``path`` (``uvicorn --workers 4``,
     several services on one machine) shares the claims. It is the store to pick when all the
-    workers run on one host; for several hosts use :class:`RedisClaimStore` or
-    :class:`PostgresClaimStore` (a SQLite file on a network file system is not safe: its
+    workers run on one host; for several hosts use [`RedisClaimStore`][] or
+    [`PostgresClaimStore`][] (a SQLite file on a network file system is not safe: its
     locks are not reliable there).
 
     Users may rely on:
@@ -41,11 +41,11 @@ class SQLiteClaimStore:
       (``import repeat_every.stores`` alone does not import it).
     - **Lazy and self-healing.** Nothing is opened until the first claim. Any error (the file
       cannot be opened, the disk is full, the lock was held longer than ``timeout``) is raised
-      from :meth:`claim`, which the task treats as "store unreachable" (see
+      from `claim`, which the task treats as "store unreachable" (see
       ``on_store_error``); the connection is then reopened on the next claim, so claims resume
       when the problem goes away.
     - **Closing.** Each event loop that uses the store gets its own connection and thread,
-      closed when that loop ends (see :class:`RedisClaimStore` for how) or by :meth:`aclose`
+      closed when that loop ends (see [`RedisClaimStore`][] for how) or by `aclose`
       (or ``async with store:``); a later claim opens them again.
 
     The file uses write-ahead logging (``journal_mode=WAL``) so readers never wait for the

@@ -1,7 +1,7 @@
 """Test periodic jobs in virtual time: ``FakeClock`` and the ``fake_clock`` pytest fixture.
 
 Installing the package registers a pytest plugin (entry point ``pytest11``) that provides the
-``fake_clock`` fixture: a :class:`FakeClock` installed for the duration of one test.
+``fake_clock`` fixture: a [`FakeClock`][] installed for the duration of one test.
 """
 
 from .._realtime import real_time as real_time

@@ -3,7 +3,7 @@
 Prior art: trio's ``MockClock`` (virtual time that only moves when told) and time-machine
 (integer nanoseconds underneath). What neither can do, and this does, is know when a
 periodic task has *finished its run*: every task started under the clock reports to it, so
-:meth:`FakeClock.advance` can wake the tasks due at a deadline and wait until each one has run
+[`FakeClock.advance`][] can wake the tasks due at a deadline and wait until each one has run
 and is asleep again before moving on.
 """
 
@@ -43,11 +43,12 @@ DEFAULT_HISTORY = 10_000
 
 
 class RunStalledError(AssertionError):
-    """A run did not finish within the clock's real-time ``timeout``.
+    """A run did not go idle within the clock's real-time ``timeout``.
 
-    Under a :class:`FakeClock`, virtual time stands still while a run is in progress, so a
-    run that waits on anything but the fake clock (a real ``asyncio.sleep``, an event nobody
-    sets) would hang the test; this error ends the wait instead and names the culprits.
+    Under a [`FakeClock`][], a run may wait on virtual time (its own sleeps, timeouts and loop
+    timers) or on work that completes by itself. A run that waits on anything else (an event
+    nobody sets, real I/O with no timeout) would hang the test; this error ends the wait
+    instead, and names the task, the virtual instant and where the run waits.
     """
 
 
@@ -110,7 +111,7 @@ class RunHistory(Sequence[RunRecord]):
     It keeps the most recent ``limit`` records (all of them when ``limit`` is ``None``, none
     when it is 0): a simulated month of a 1 s job would otherwise hold 2.6 million records.
     `total` and `count_of()` stay exact whatever the limit. Tasks may be named by their
-    name, their [`PeriodicTask`][repeat_every.PeriodicTask] or a handle. Safe to read from any
+    name, their [`PeriodicTask`][] or a handle. Safe to read from any
     thread.
     """
 
@@ -222,9 +223,9 @@ class FakeClock:
     not change. Users may rely on:
 
     - **Exact time.** Virtual time is kept in integer nanoseconds;
-      [`now`][repeat_every.testing.FakeClock.now] starts at 0.0 and 86,400 ``advance(1)``
+      [`now`][] starts at 0.0 and 86,400 ``advance(1)``
       calls land exactly on 86,400.0.
-    - **Deterministic steps.** [`advance`][repeat_every.testing.FakeClock.advance] runs every
+    - **Deterministic steps.** [`advance`][] runs every
       run due up to and including ``now + seconds``, one deadline at a time in deadline order
       (ties: the order the tasks started), and at each deadline waits until every woken task
       has finished its run (runs in worker threads included) and is asleep again or has ended.
@@ -239,7 +240,7 @@ class FakeClock:
       (``time.time()`` follows the clock under freezegun or time-machine, see below).
     - **No hangs.** A run that waits on something the clock does not drive (an event nobody
       sets, real I/O) for longer than ``timeout`` real seconds raises
-      [`RunStalledError`][repeat_every.testing.RunStalledError] naming the task, the virtual
+      [`RunStalledError`][] naming the task, the virtual
       instant and what it waits in.
     - **Wall clock in step.** The clock has a virtual wall time (``start``, or the current time)
       that moves with it; cron and aligned schedules read it. If freezegun's ``freeze_time``
@@ -249,10 +250,10 @@ class FakeClock:
       virtual instant at its next step. With ``start=`` and ``travel=True`` (the default) the
       clock starts such a travel itself (time-machine if installed, else freezegun) and ends it
       when uninstalled.
-    - **Bounded history.** [`history`][repeat_every.testing.FakeClock.history] keeps the last
+    - **Bounded history.** [`history`][] keeps the last
       ``history`` attempts (10,000 by default; ``None`` keeps all, 0 none); its counts stay
       exact.
-    - **Sync tests.** [`advance_blocking`][repeat_every.testing.FakeClock.advance_blocking]
+    - **Sync tests.** [`advance_blocking`][]
       does the same from a thread that is not running an event loop, for apps driven by
       FastAPI's ``TestClient`` in another thread.
     - **One driver at a time.** Two ``advance`` calls at once (two tasks, or two threads) are
@@ -398,7 +399,7 @@ class FakeClock:
     # -- the Timebase protocol (what tasks call) ---------------------------------------------
 
     def monotonic(self) -> float:
-        """Virtual monotonic seconds (the same as [`now`][repeat_every.testing.FakeClock.now])."""
+        """Virtual monotonic seconds (the same as [`now`][])."""
         return self._now / NS
 
     def monotonic_ns(self) -> int:
@@ -426,8 +427,8 @@ class FakeClock:
         return self._sleep_of(activity, task.get_loop(), seconds)
 
     def hot_path(self) -> tuple[Callable[[], int], Callable[[float], Awaitable[None]]]:
-        """[`monotonic_ns`][repeat_every.testing.FakeClock.monotonic_ns], and
-        [`sleep`][repeat_every.testing.FakeClock.sleep] bound to the calling task.
+        """[`monotonic_ns`][], and
+        [`sleep`][] bound to the calling task.
 
         A periodic task's loop calls it once, inside its own task, before its first sleep: the
         task's context becomes a scope of this clock, so time inside its runs is virtual.
@@ -651,7 +652,7 @@ class FakeClock:
     async def step(self) -> float | None:
         """Advance to the next pending deadline and run what is due there.
 
-        Returns the new [`now`][repeat_every.testing.FakeClock.now], or ``None`` (time
+        Returns the new [`now`][], or ``None`` (time
         unchanged) when nothing is pending.
         """
         loop = asyncio.get_running_loop()
@@ -718,7 +719,7 @@ class FakeClock:
     # -- stepping (blocking) -----------------------------------------------------------------
 
     def advance_blocking(self, seconds: float | dt.timedelta) -> None:
-        """[`advance`][repeat_every.testing.FakeClock.advance] for sync tests: the tasks run in
+        """[`advance`][] for sync tests: the tasks run in
         another thread's event loop.
 
         Call it from a thread with no running event loop (a plain ``def`` test driving
@@ -744,8 +745,8 @@ class FakeClock:
                 self._settle_blocking()
 
     def step_blocking(self) -> float | None:
-        """[`step`][repeat_every.testing.FakeClock.step] for sync tests (see
-        [`advance_blocking`][repeat_every.testing.FakeClock.advance_blocking])."""
+        """[`step`][] for sync tests (see
+        [`advance_blocking`][])."""
         _require_no_running_loop("step_blocking", "await clock.step()")
         self._settle_blocking()
         nxt = self._next_deadline()
@@ -755,8 +756,8 @@ class FakeClock:
         return self.now
 
     def run_due_blocking(self) -> None:
-        """[`run_due`][repeat_every.testing.FakeClock.run_due] for sync tests (see
-        [`advance_blocking`][repeat_every.testing.FakeClock.advance_blocking])."""
+        """[`run_due`][] for sync tests (see
+        [`advance_blocking`][])."""
         self.advance_blocking(0)
 
     def _settle_blocking(self) -> None:

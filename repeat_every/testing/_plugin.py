@@ -28,7 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def fake_clock(request: pytest.FixtureRequest) -> Iterator[FakeClock]:
-    """A ``FakeClock``, installed for this test.
+    """A `FakeClock`, installed for this test.
 
     Tasks started during the test step in virtual time; works in ``async def`` tests (any
     pytest-asyncio mode) and in sync tests (use the ``*_blocking`` methods there). The clock's

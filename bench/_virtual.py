@@ -120,7 +120,7 @@ DRIVER_LABEL = {
 def plan(quick: bool) -> list[Params]:
     """The floor, then every case for every contender (smaller and fewer in quick mode)."""
     params: list[Params] = [
-        {"contender": FLOOR, "case": FLOOR_CASE, "n": 50_000 if quick else 200_000}
+        {"contender": FLOOR, "case": FLOOR_CASE, "n": 10_000 if quick else 200_000}
     ]
     for case, (jobs, horizon, staggered, sleeps) in (QUICK_CASES if quick else CASES).items():
         contenders: tuple[tuple[str, str], ...]

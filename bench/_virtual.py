@@ -509,7 +509,7 @@ def _plot(cases: dict[str, Rows], floor: float, path: Path) -> bool:
         for bar, value in zip(bars, values, strict=True):
             y = bar.get_y() + bar.get_height() / 2
             if math.isnan(value):
-                ax.text(floor or 1, y, "  unsupported (stalls)", va="center", color="tab:red")
+                ax.text(1, y, "  unsupported (stalls)", va="center", color="tab:red")
             else:
                 ax.text(value, y, f" {fmt(value)}", va="center")
         if not math.isnan(floor):

@@ -55,7 +55,7 @@ _LINE = re.compile(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|(\s*)(\S+)")
 def plan(quick: bool) -> list[Params]:
     """One child per module measured."""
     return [
-        {"contender": c, "module": m, "repeats": 3 if quick else 15}
+        {"contender": c, "module": m, "repeats": 2 if quick else 15}
         for c, m in MODULES.items()
         if available(c)
     ]

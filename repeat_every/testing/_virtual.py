@@ -308,7 +308,10 @@ def _innermost(task: asyncio.Task[Any]) -> str:
         if frame is None:
             break
         code = frame.f_code
-        name = getattr(code, "co_qualname", code.co_name)
+        name = getattr(code, "co_qualname", None)  # Python ≥ 3.11
+        if name is None:
+            owner = frame.f_locals.get("self")
+            name = code.co_name if owner is None else f"{type(owner).__name__}.{code.co_name}"
         where = f"{name}() ({code.co_filename}:{frame.f_lineno})"
         awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
     return where

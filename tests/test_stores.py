@@ -966,3 +966,49 @@ async def test_an_sqlite_store_makes_its_tables_again_when_they_vanish(tmp_path:
             await store.claim("job", 2, 60)
         assert await store.claim("job", 2, 60)  # reconnected, and the table made again
         assert not await store.claim("job", 2, 60)
+
+
+async def test_sqlite_writes_of_many_tasks_in_one_turn_share_a_transaction_or_wait_together(
+    tmp_path: Path,
+) -> None:
+    # Task 1 claims on the event loop's thread; tasks 2 and 3 claim in the same turn of the
+    # loop, after another process took the write lock: their claims are queued for the end
+    # of the turn, meet the lock there, and are answered by the store's thread once it is
+    # released.
+    path = tmp_path / "claims.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    async def claim(task: str, lock_first: bool = False) -> bool:
+        if lock_first:
+            holder.execute("BEGIN IMMEDIATE")
+        return await store.claim(task, 1, 60)
+
+    async with SQLiteClaimStore(path) as store:
+        assert await store.claim("warm-up", 0, 60)
+        claims = asyncio.gather(claim("one"), claim("two", lock_first=True), claim("three"))
+        await asyncio.sleep(0.05)
+        assert not claims.done()
+        holder.execute("ROLLBACK")
+        assert await claims == [True, True, True]
+        assert [await store.claim(t, 1, 60) for t in ("one", "two", "three")] == [False] * 3
+    holder.close()
+
+
+async def test_a_failing_shared_transaction_fails_each_of_its_claims(tmp_path: Path) -> None:
+    path = tmp_path / "claims.db"
+
+    async def claim(task: str, drop_first: bool = False) -> bool:
+        if drop_first:
+            with sqlite3.connect(path, isolation_level=None) as other:
+                other.execute("DROP TABLE repeat_every_claims")
+            other.close()
+        return await store.claim(task, 1, 60)
+
+    async with SQLiteClaimStore(path) as store:
+        assert await store.claim("warm-up", 0, 60)
+        results = await asyncio.gather(
+            claim("one"), claim("two", drop_first=True), claim("three"), return_exceptions=True
+        )
+        assert results[0] is True
+        assert [type(r) for r in results[1:]] == [sqlite3.OperationalError] * 2
+        assert await store.claim("two", 1, 60)  # the table is made again

@@ -11,7 +11,6 @@ import os
 import re
 import socket
 import sys
-import unicodedata
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -37,18 +36,27 @@ else:  # pragma: no cover - Python 3.10
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
-_hostname: str | None = None
+_owner: str | None = None  # "host:pid" of this process, made on first use, forgotten at fork
 
 
 def owner() -> str:
     """``host:pid`` of the caller: written beside each claim, to see who ran a tick.
 
-    Read at each claim (not at import): a worker forked after the import has its own pid.
+    Made on first use (not at import) and made again in a forked child, which has its own pid.
     """
-    global _hostname
-    if _hostname is None:
-        _hostname = socket.gethostname()
-    return f"{_hostname}:{os.getpid()}"
+    global _owner
+    if _owner is None:
+        _owner = f"{socket.gethostname()}:{os.getpid()}"
+    return _owner
+
+
+def _forgotten_at_fork() -> None:
+    global _owner
+    _owner = None
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which never forks
+    os.register_at_fork(after_in_child=_forgotten_at_fork)
 
 
 def require(module: str, extra: str, store: str) -> None:
@@ -99,7 +107,10 @@ and any future column, and is far beyond a module path and function name.
 MAX_ERROR_CHARS = 2000
 """A run record keeps the first this many characters of the failure's text."""
 
-_TICK_MIN, _TICK_MAX = -(2**63), 2**63 - 1  # a SQL bigint, as the SQL stores keep it
+_TICK_MIN, _TICK_MAX = -(2**63), 2**63 - 1
+# Unicode's control characters (category Cc) and surrogates (Cs): what check_task_name refuses.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_good_names: set[str] = set()  # a SQL bigint, as the SQL stores keep it
 
 
 def check_task_name(name: object, argument: str = "task") -> str:
@@ -112,10 +123,12 @@ def check_task_name(name: object, argument: str = "task") -> str:
     """
     if not isinstance(name, str):
         raise TypeError(f"{argument} must be a string, got {name!r}")
+    if name in _good_names:
+        return name
     if not name:
         raise ValueError(f"{argument} must not be empty")
-    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs")), None)
-    if bad is not None:
+    if found := _UNSAFE.search(name):
+        bad = found.group()
         raise ValueError(
             f"{argument} must not contain control characters (newline, NUL, escape…) or lone "
             f"surrogates: found {bad!r} in {name[:80]!r}; use a name like 'reports.send_digest'"
@@ -126,6 +139,8 @@ def check_task_name(name: object, argument: str = "task") -> str:
             f"{argument} must be at most {MAX_TASK_NAME_BYTES} bytes of UTF-8 (the claim stores' "
             f"limit), got {size}: {name[:40]!r}…"
         )
+    if len(_good_names) < 10_000:  # a task claims with the same name every tick
+        _good_names.add(name)
     return name
 
 
@@ -321,6 +336,8 @@ class PerLoop(Generic[T]):
         slot = self._slots.get(loop)
         if slot is None or slot.pid != os.getpid():
             slot = self._slots[loop] = _Slot()
+        elif slot.value is not None:
+            return slot.value  # the common case: no lock to take
         async with slot.lock:
             if slot.value is None:
                 value = await self._make()

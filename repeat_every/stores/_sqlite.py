@@ -236,39 +236,85 @@ class SQLiteClaimStore:
 
     async def _do(self, op: Op, *, write: bool) -> Any:
         """Run ``op(connection)`` on the event loop's thread if SQLite can do it without
-        waiting, else in the store's thread (batched with the operations queued there)."""
+        waiting, else in the store's thread (batched with the operations queued there).
+
+        Writes that other tasks make in the same turn of the event loop as an earlier one (a
+        thousand tasks due at the same instant) share one transaction, at the end of that turn.
+        """
+        file = await self._files.get()
+        if not self._inline_ok(file):
+            return await file.submit(self, op)
+        if write and file.burst is not None and file.burst is not asyncio.current_task():
+            job = _Job(op, asyncio.get_running_loop())
+            file.pending.append(job)
+            if len(file.pending) == 1:
+                job.loop.call_soon(self._flush, file)
+            return await job.future
+        try:
+            [result] = self._inline(file, [op], write=write)
+        except _Busy:
+            return await file.submit(self, op)
+        if write and file.burst is None:
+            file.burst = asyncio.current_task()
+            asyncio.get_running_loop().call_soon(file.end_burst)
+        return result
+
+    def _inline_ok(self, file: _File) -> bool:
+        """Whether the event loop's thread may use the connection now: it is open, the
+        store's thread is idle (so the connection is ours), and no cleanup is due."""
+        return file.conn is not None and not file.busy and not self._cleanup_due(file)
+
+    def _inline(self, file: _File, ops: list[Op], *, write: bool) -> list[Any]:
+        """Run ``ops`` on the event loop's thread, in one transaction if they write.
+
+        The connection's busy timeout is 0 here: a lock held by another process raises
+        :class:`_Busy` at once (nothing done) instead of blocking the event loop.
+        """
         import sqlite3
 
-        file = await self._files.get()
         conn = file.conn
-        if conn is not None and not file.busy and not self._cleanup_due(file):
-            # The store's thread is idle, so the connection is ours; its busy timeout is 0
-            # here, so a lock held by another process raises at once instead of blocking.
+        assert conn is not None
+        try:
+            if not write:
+                return [op(conn) for op in ops]
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                if write:
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        result = op(conn)
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        if conn.in_transaction:
-                            conn.execute("ROLLBACK")
-                        raise
-                    file.writes += 1
-                    if file.writes >= _CHECKPOINT_EVERY:
-                        file.checkpoint(self)
-                else:
-                    result = op(conn)
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc):
-                    file.disconnect()  # reopened by the next operation, in the store's thread
-                    raise
+                results = [op(conn) for op in ops]
+                conn.execute("COMMIT")
             except BaseException:
-                file.disconnect()
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
+        except sqlite3.OperationalError as exc:
+            if _busy(exc):
+                raise _Busy from exc
+            file.disconnect()  # reopened by the next operation, in the store's thread
+            raise
+        except BaseException:
+            file.disconnect()
+            raise
+        file.writes += 1
+        if file.writes >= _CHECKPOINT_EVERY:
+            file.checkpoint(self)
+        return results
+
+    def _flush(self, file: _File) -> None:
+        """At the end of a turn of the event loop: the writes queued during it, together."""
+        batch, file.pending = file.pending, []
+        if self._inline_ok(file):
+            try:
+                results = self._inline(file, [job.op for job in batch], write=True)
+            except _Busy:
+                pass
+            except BaseException as exc:
+                for job in batch:
+                    _settle(job.future, None, exc)
+                return
             else:
-                return result
-        return await file.submit(self, op)
+                for job, result in zip(batch, results, strict=True):
+                    _settle(job.future, result, None)
+                return
+        file.enqueue(self, batch)
 
     def _cleanup_due(self, file: _File) -> bool:
         return time.monotonic() - file.last_cleanup >= self._cleanup_interval
@@ -376,6 +422,10 @@ def _busy(exc: Exception) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
+class _Busy(Exception):
+    """Another process holds SQLite's write lock: try again in the store's thread."""
+
+
 class _Job:
     """An operation queued for the store's thread, and the future of the caller waiting for it."""
 
@@ -419,17 +469,28 @@ class _File:
         self.busy = False  # the thread owns the connection
         self.last_cleanup = -float("inf")  # time.monotonic() of the last cleanup
         self.writes = 0  # write transactions on the loop's thread since the last checkpoint
+        # The task that wrote on the loop's thread during this turn of the loop: other tasks'
+        # writes of the same turn (many tasks due at once) wait for one transaction at its end.
+        self.burst: asyncio.Task[Any] | None = None
+        self.pending: list[_Job] = []  # writes of this turn, for one transaction at its end
 
     async def submit(self, store: SQLiteClaimStore, op: Op) -> Any:
         """Queue ``op`` for the thread and wait for its result."""
         job = _Job(op, asyncio.get_running_loop())
+        self.enqueue(store, [job])
+        return await job.future
+
+    def enqueue(self, store: SQLiteClaimStore, jobs: list[_Job]) -> None:
+        """Hand ``jobs`` to the thread (which starts unless it is at work already)."""
         with self.lock:
-            self.queue.append(job)
+            self.queue.extend(jobs)
             start = not self.busy
             self.busy = True
         if start:
             self.thread.submit(self._drain, store)
-        return await job.future
+
+    def end_burst(self) -> None:
+        self.burst = None
 
     def checkpoint(self, store: SQLiteClaimStore) -> None:
         """Checkpoint the WAL in the thread (the loop's thread never does); nobody waits."""

@@ -1012,3 +1012,38 @@ async def test_a_failing_shared_transaction_fails_each_of_its_claims(tmp_path: P
         assert results[0] is True
         assert [type(r) for r in results[1:]] == [sqlite3.OperationalError] * 2
         assert await store.claim("two", 1, 60)  # the table is made again
+
+
+# -- catch-up: a tick nobody ran ---------------------------------------------------------------
+
+
+async def test_a_catch_up_claim_wins_only_a_tick_newer_than_every_claimed_one(
+    backend: Backend, task_name: str
+) -> None:
+    # Three workers restart after an outage; the daily tick of 09:00 (an hour ago) was run by
+    # nobody. Each claims it with if_newest and a grace of two hours: one wins.
+    nine = time.time() - 3600
+    stores = [backend.store() for _ in range(3)]
+    assert await stores[0].claim(task_name, 1, 60)  # yesterday's tick ran
+    results = await asyncio.gather(
+        *(s.claim(task_name, 2, 7200, deadline=nine, if_newest=True) for s in stores)
+    )
+    assert sorted(results) == [False, False, True]
+    # Restarted again: the tick ran already (its claim is still there, and the records say so).
+    assert not await stores[1].claim(task_name, 2, 7200, deadline=nine, if_newest=True)
+    # A tick older than the last one claimed never runs late, however long its grace.
+    assert await stores[2].claim(task_name, 5, 60)
+    assert not await stores[0].claim(task_name, 4, 7200, deadline=nine, if_newest=True)
+    # Past its grace, not even the newest tick is caught up.
+    assert not await stores[0].claim(task_name, 6, 1800, deadline=nine, if_newest=True)
+
+
+async def test_a_catch_up_claim_loses_to_a_tick_whose_claim_has_expired(
+    backend: Backend, task_name: str
+) -> None:
+    store = backend.store()
+    assert await store.claim(task_name, 3, 0.05)
+    await asyncio.sleep(0.15)  # real time: the claim has expired (each store's own clock)
+    assert not await backend.store().claim(task_name, 3, 60, if_newest=True)
+    assert await backend.store().claim(task_name, 4, 60, if_newest=True)  # never claimed
+    assert not await store.claim(task_name, 4, 60)  # and an ordinary claim finds it

@@ -112,13 +112,15 @@ class PostgresClaimStore:
         self._table_ready = False  # with a given pool: the table was created
         self._last_cleanup = -float("inf")  # time.monotonic() of the last cleanup
         t, n = self._table, self._tasks
-        # $5, the deadline, is NULL for a claim without one; $6 the claimer's wall clock.
+        # $5, the deadline, is NULL for a claim without one; $6 the claimer's wall clock; $7
+        # true to win only a tick newer than every tick of the task claimed so far.
         self._claim_sql = (
             f"WITH won AS (INSERT INTO {t} AS c (task, tick, owner, expires_at) "
             "SELECT $1, $2, $3, e.at FROM (SELECT CASE WHEN $5::float8 IS NULL "
             "THEN clock_timestamp() + make_interval(secs => $4) "
             "ELSE to_timestamp($5::float8 + $4) END AS at) AS e "
-            "WHERE e.at > clock_timestamp() "
+            "WHERE e.at > clock_timestamp() AND (NOT $7::bool OR NOT EXISTS ("
+            f"SELECT 1 FROM {n} AS l WHERE l.task = $1 AND l.claimed_tick >= $2)) "
             "ON CONFLICT (task, tick) DO UPDATE "
             "SET owner = excluded.owner, expires_at = excluded.expires_at "
             "WHERE c.expires_at <= clock_timestamp() RETURNING c.task), "
@@ -150,18 +152,30 @@ class PostgresClaimStore:
         return self._table
 
     async def claim(
-        self, task: str, tick: int, ttl: float, *, deadline: float | None = None
+        self,
+        task: str,
+        tick: int,
+        ttl: float,
+        *,
+        deadline: float | None = None,
+        if_newest: bool = False,
     ) -> bool:
         """Claim ``(task, tick)``; ``True`` if this caller won it.
 
         Without ``deadline`` the claim lives ``ttl`` seconds from when the server runs it.
         With ``deadline`` (the tick's due instant, seconds since the Unix epoch) it lives until
         ``deadline + ttl`` on the server's clock, and a claim the server runs at or after that
-        instant loses. Raises asyncpg's or the OS's error (or ``TimeoutError``) when the
-        database cannot be reached.
+        instant loses.
+        With ``if_newest=True`` the claim also loses if the store's run records show that a
+        worker claimed this tick or a later one of ``task``, at any time (for a catch-up run
+        of a tick missed while every worker was down: once across the fleet, even after the
+        tick's own claims expired).
+
+        Raises asyncpg's or the OS's error (or ``TimeoutError``) when the database cannot be
+        reached.
         """
         seconds = check_claim(task, tick, ttl, deadline)
-        args = (task, tick, owner(), seconds, deadline, time.time())
+        args = (task, tick, owner(), seconds, deadline, time.time(), bool(if_newest))
         won = await self._fetchval(self._claim_sql, *args)
         if time.monotonic() - self._last_cleanup >= self._cleanup_interval:
             await self._cleanup()
@@ -278,28 +292,28 @@ class PostgresClaimStore:
             pool.terminate()
 
     async def _create_table(self, pool: Any) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            # CREATE TABLE IF NOT EXISTS is not safe against itself: two sessions running it
-            # at once can both try to create the table's row type. Serialize them.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._table)
+        # One round trip: statements sent together (without parameters) run as one
+        # transaction, so the advisory lock is held until both tables exist.
+        # CREATE TABLE IF NOT EXISTS is not safe against itself: two sessions running it at
+        # once can both try to create the table's row type. The lock serializes them. The
+        # tasks table came with run records: an older database gets it here, its claims
+        # table untouched. (The names are checked identifiers: safe to put in a literal.)
+        async with pool.acquire() as conn:
             await conn.execute(
+                f"SELECT pg_advisory_xact_lock(hashtext('{self._table}'));"
                 f"CREATE TABLE IF NOT EXISTS {self._table} ("
                 " task text NOT NULL,"
                 " tick bigint NOT NULL,"
                 " owner text NOT NULL,"
                 " expires_at timestamptz NOT NULL,"
-                " PRIMARY KEY (task, tick))"
-            )
-            # Added in 0.x with run records: an older database gets it here, its claims
-            # table untouched.
-            await conn.execute(
+                " PRIMARY KEY (task, tick));"
                 f"CREATE TABLE IF NOT EXISTS {self._tasks} ("
                 " task text PRIMARY KEY,"
                 " claimed_tick bigint, claimed_at timestamptz, claimed_by text,"
                 " ok_tick bigint, ok_at timestamptz, ok_by text, ok_duration float8,"
                 " ok_error text,"
                 " failed_tick bigint, failed_at timestamptz, failed_by text,"
-                " failed_duration float8, failed_error text)"
+                " failed_duration float8, failed_error text);"
             )
 
     async def _discard(self) -> None:

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 _SCHEMES = ("redis://", "rediss://", "unix://")
 
 # KEYS: the claim, the task's status hash, the set of task names.
-# ARGV: owner, ttl (ms), deadline (ms since the epoch, or ""), tick, now (s, owner's clock), task.
+# ARGV: owner, ttl (ms), deadline (ms since the epoch, or ""), tick, now (s, owner's clock), task,
+# "1" to win only a tick newer than every tick of the task claimed so far (else "").
 # With a deadline the claim lives until deadline + ttl on the server's clock, and a claim that
 # reaches the server after that instant loses: however late the caller, it cannot win a tick
 # whose first claim may have expired. (TIME before a write needs effects replication: the
@@ -45,8 +46,9 @@ if ARGV[3] ~= '' then
   ttl = math.floor(tonumber(ARGV[3]) + ttl - now)
   if ttl <= 0 then return 0 end
 end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ttl) then return 0 end
 local last = redis.call('HGET', KEYS[2], 'claimed_tick')
+if ARGV[7] ~= '' and last and tonumber(last) >= tonumber(ARGV[4]) then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ttl) then return 0 end
 if not last or tonumber(last) <= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[2], 'claimed_tick', ARGV[4], 'claimed_at', ARGV[5],
              'claimed_by', ARGV[1])
@@ -154,15 +156,27 @@ class RedisClaimStore:
         self._scripts: dict[str, Any] = {}  # source → redis-py Script (called with a client)
 
     async def claim(
-        self, task: str, tick: int, ttl: float, *, deadline: float | None = None
+        self,
+        task: str,
+        tick: int,
+        ttl: float,
+        *,
+        deadline: float | None = None,
+        if_newest: bool = False,
     ) -> bool:
         """Claim ``(task, tick)``; ``True`` if this caller won it.
 
         Without ``deadline`` the claim lives ``ttl`` seconds from when the server gets it.
         With ``deadline`` (the tick's due instant, seconds since the Unix epoch) it lives until
         ``deadline + ttl`` on the server's clock, and a claim reaching the server at or after
-        that instant loses. Raises the client's error (``redis.exceptions.ConnectionError``,
-        ``TimeoutError``…) when the server cannot be reached.
+        that instant loses.
+        With ``if_newest=True`` the claim also loses if the store's run records show that a
+        worker claimed this tick or a later one of ``task``, at any time (for a catch-up run
+        of a tick missed while every worker was down: once across the fleet, even after the
+        tick's own claims expired).
+
+        Raises the client's error (``redis.exceptions.ConnectionError``, ``TimeoutError``…)
+        when the server cannot be reached.
         """
         seconds = check_claim(task, tick, ttl, deadline)
         client = await self._client()
@@ -174,6 +188,7 @@ class RedisClaimStore:
             tick,
             repr(time.time()),
             task,
+            "1" if if_newest else "",
         )
         keys = (f"{self._prefix}{task}:{tick}", self._status_key(task), self._status_prefix)
         return bool(await within(self._timeout, script(keys=keys, args=args, client=client)))

@@ -139,6 +139,7 @@ class SQLiteClaimStore:
             for ok, p in ((True, "ok"), (False, "failed"))
         }
         self._status_sql = f"SELECT {', '.join(STATUS_COLUMNS)} FROM {s}"
+        self._last_tick_sql = f"SELECT claimed_tick FROM {s} WHERE task = ?"
 
     @property
     def path(self) -> str:
@@ -146,14 +147,25 @@ class SQLiteClaimStore:
         return self._path
 
     async def claim(
-        self, task: str, tick: int, ttl: float, *, deadline: float | None = None
+        self,
+        task: str,
+        tick: int,
+        ttl: float,
+        *,
+        deadline: float | None = None,
+        if_newest: bool = False,
     ) -> bool:
         """Claim ``(task, tick)``; ``True`` if this caller won it.
 
         Without ``deadline`` the claim lives ``ttl`` seconds from now. With ``deadline`` (the
         tick's due instant, seconds since the Unix epoch) it lives until ``deadline + ttl``,
-        and a claim made at or after that instant loses. Raises whatever SQLite raised when
-        the file cannot be used.
+        and a claim made at or after that instant loses.
+        With ``if_newest=True`` the claim also loses if the store's run records show that a
+        worker claimed this tick or a later one of ``task``, at any time (for a catch-up run
+        of a tick missed while every worker was down: once across the fleet, even after the
+        tick's own claims expired).
+
+        Raises whatever SQLite raised when the file cannot be used.
         """
         seconds = check_claim(task, tick, ttl, deadline)
         if deadline is not None and time.time() >= deadline + seconds:
@@ -165,6 +177,10 @@ class SQLiteClaimStore:
             expires = now + seconds if deadline is None else deadline + seconds
             if now >= expires:
                 return False  # too late: the winner's claim may be gone; never win it again
+            if if_newest:
+                row = conn.execute(self._last_tick_sql, (task,)).fetchone()
+                if row is not None and row[0] is not None and row[0] >= tick:
+                    return False
             # One statement decides: inserting a new claim, or taking over an expired one, is
             # atomic under SQLite's write lock; a live claim makes it change nothing.
             if conn.execute(self._claim_sql, (task, tick, who, expires, now)).rowcount != 1:
@@ -372,9 +388,9 @@ class SQLiteClaimStore:
             ")"
         )
 
-    def _run_batch(self, file: _File, batch: list[_Job]) -> None:
-        """Run queued operations in one transaction, then the cleanup if it is due; each job
-        gets its result or the error."""
+    def _run_batch(self, file: _File, batch: list[_Job]) -> list[tuple[Any, BaseException | None]]:
+        """Run queued operations in one transaction, then the cleanup if it is due: each
+        job's result, or the error that failed them all."""
         try:
             conn = file.conn or self._connect(file)
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
@@ -391,14 +407,11 @@ class SQLiteClaimStore:
                 conn.execute("PRAGMA busy_timeout = 0")
         except BaseException as exc:
             file.disconnect()  # reopened by the next operation
-            for job in batch:
-                job.settle(None, exc)
-            return
+            return [(None, exc)] * len(batch)
         if self._cleanup_due(file):
             file.last_cleanup = time.monotonic()
             self._maintain(file, cleanup=True)
-        for job, result in zip(batch, results, strict=True):
-            job.settle(result, None)
+        return [(result, None) for result in results]
 
     def _maintain(self, file: _File, *, cleanup: bool) -> None:
         """Delete expired claims and checkpoint the WAL: never part of a claim, so a failure
@@ -504,13 +517,23 @@ class _File:
     def _drain(self, store: SQLiteClaimStore, checkpoint: bool = False) -> None:
         if checkpoint:
             store._maintain(self, cleanup=False)
+        with self.lock:
+            batch, self.queue = self.queue, []
+            if not batch:
+                self.busy = False
+                return
         while True:
+            done, outcomes = batch, store._run_batch(self, batch)
             with self.lock:
                 batch, self.queue = self.queue, []
                 if not batch:
+                    # Given back before the callers hear: once they resume, the event loop's
+                    # thread may use the connection again.
                     self.busy = False
-                    return
-            store._run_batch(self, batch)
+            for job, (result, error) in zip(done, outcomes, strict=True):
+                job.settle(result, error)
+            if not batch:
+                return
 
     def disconnect(self) -> None:
         conn, self.conn = self.conn, None

@@ -6,10 +6,11 @@ exactly once; then one worker is killed with SIGKILL, and the ticks after it sti
 once each, on the surviving workers. About five seconds of real time per store.
 
 A sharper race too: four processes claim the same 200 ticks in lockstep (tick k at the same
-wall-clock instant in every process); each tick has exactly one winner. And a frozen worker
-(SIGSTOP for longer than the claim's lifetime) does not run again, when it thaws, the tick it
-was waiting for, which its peer ran while its claim was still alive. And two workers with
-jitter, one of them stalled before every tick, never run a tick twice (issue 14).
+wall-clock instant in every process); each tick has exactly one winner, with ordinary claims
+and with catch-up claims (``if_newest``). And a frozen worker (SIGSTOP for longer than the
+claim's lifetime) does not run again, when it thaws, the tick it was waiting for, which its
+peer ran while its claim was still alive. And two workers with jitter, one of them stalled
+before every tick, never run a tick twice (issue 14).
 """
 
 from __future__ import annotations
@@ -169,13 +170,13 @@ def test_four_postgres_workers_run_each_tick_once_even_after_one_is_killed(
     _run_workers("postgres", postgres_server.dsn, tmp_path)
 
 
-def _race(kind: str, target: str) -> None:
+def _race(kind: str, target: str, *extra: str) -> None:
     task = f"race-{kind}-{uuid.uuid4().hex[:8]}"
     ticks = 200
     start_at = time.time() + 1.5  # after every racer has started and connected
     racers = [
         subprocess.Popen(
-            [sys.executable, str(RACER), kind, target, task, str(ticks), str(start_at)],
+            [sys.executable, str(RACER), kind, target, task, str(ticks), str(start_at), *extra],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -186,7 +187,8 @@ def _race(kind: str, target: str) -> None:
     assert [racer.returncode for racer in racers] == [0] * WORKERS
     wins = [int(line) for output in outputs for line in output.split()]
     per_racer = sorted(len(output.split()) for output in outputs)
-    print(f"\n{kind} race: ticks={ticks} wins={len(wins)} per racer={per_racer}")
+    name = " ".join((kind, "race", *extra))
+    print(f"\n{name}: ticks={ticks} wins={len(wins)} per racer={per_racer}")
     assert sorted(wins) == list(range(ticks))  # every tick won, and won once
 
 
@@ -204,6 +206,25 @@ def test_racing_postgres_processes_win_each_tick_exactly_once(
     postgres_server: PostgresServer,
 ) -> None:
     _race("postgres", postgres_server.dsn)
+
+
+def test_racing_catch_up_claims_on_sqlite_win_each_tick_exactly_once(tmp_path: Path) -> None:
+    # if_newest adds a read of the task's last claimed tick to the claim: still one winner.
+    _race("sqlite", str(tmp_path / "claims.db"), "if-newest")
+
+
+@pytest.mark.servers
+def test_racing_catch_up_claims_on_redis_win_each_tick_exactly_once(
+    redis_server: RedisServer,
+) -> None:
+    _race("redis", redis_server.url, "if-newest")
+
+
+@pytest.mark.servers
+def test_racing_catch_up_claims_on_postgres_win_each_tick_exactly_once(
+    postgres_server: PostgresServer,
+) -> None:
+    _race("postgres", postgres_server.dsn, "if-newest")
 
 
 def test_a_worker_frozen_longer_than_the_claim_ttl_does_not_rerun_the_tick_it_waited_for(

@@ -11,7 +11,10 @@ test extra's wheels (tests/servers.py); SQLite uses a file in a temporary folder
 
 For each store it times, one claim at a time from one process:
 
-- **won**: ``store.claim(task, tick, 60)`` on a new tick (the winner's path: a write);
+- **won**: ``store.claim(task, tick, 60)`` on a new tick (the winner's path: a write, which
+  also notes the task's last claimed tick);
+- **won + record**: the same claim followed by ``store.record_run(...)``, what a worker that
+  keeps run records pays per tick;
 - **lost**: the same ticks claimed again through a second store instance (the path every
   other worker takes);
 - **bare driver**: the same winning statement sent straight through the driver
@@ -77,9 +80,15 @@ async def _measure(
     ticks = range(n)
     won = await _time(lambda t: winner.claim(task, t, 60), ticks)
     lost = await _time(lambda t: loser.claim(task, t, 60), ticks)
-    raw = await _time(bare, range(n, 2 * n))
+
+    async def claim_and_record(tick: int) -> None:
+        await winner.claim(task, tick, 60)
+        await winner.record_run(task, tick, time.time(), 0.001)
+
+    recorded = await _time(claim_and_record, range(n, 2 * n))
+    raw = await _time(bare, range(2 * n, 3 * n))
     await bare_cleanup()
-    return {"won": won, "lost": lost, "bare": raw}
+    return {"won": won, "recorded": recorded, "lost": lost, "bare": raw}
 
 
 async def _sqlite(folder: Path, n: int) -> dict[str, list[float]]:
@@ -171,8 +180,9 @@ def main() -> None:
         results["PostgresClaimStore"] = asyncio.run(_postgres(dsn, n))
 
     header = (
-        f"| store | claims | won p50 | won p99 | lost p50 | lost p99 "
-        f"| bare driver p50 | bare p99 | won p50 / bare p50 |\n|{'---|' * 9}"
+        f"| store | claims | won p50 | won p99 | won + record p50 | won + record p99 "
+        f"| lost p50 | lost p99 | bare driver p50 | bare p99 | won p50 / bare p50 |"
+        f"\n|{'---|' * 11}"
     )
     print(f"\nClaim latency in µs, one claim at a time ({n} claims per column)\n")
     print(header)
@@ -180,7 +190,8 @@ def main() -> None:
         p50 = {k: statistics.median(v) for k, v in r.items()}
         p99 = {k: _p99(v) for k, v in r.items()}
         print(
-            f"| {name} | {n} | {p50['won']:.0f} | {p99['won']:.0f} | {p50['lost']:.0f} "
+            f"| {name} | {n} | {p50['won']:.0f} | {p99['won']:.0f} "
+            f"| {p50['recorded']:.0f} | {p99['recorded']:.0f} | {p50['lost']:.0f} "
             f"| {p99['lost']:.0f} | {p50['bare']:.0f} | {p99['bare']:.0f} "
             f"| {p50['won'] / p50['bare']:.2f}× |"
         )

@@ -29,7 +29,19 @@ import redis.exceptions
 from servers import Gate, PostgresServer, RedisServer, free_port
 
 from repeat_every import ClaimStore, repeat_every
-from repeat_every.stores import PostgresClaimStore, RedisClaimStore, SQLiteClaimStore
+from repeat_every.stores import (
+    LastRun,
+    PostgresClaimStore,
+    RedisClaimStore,
+    SQLiteClaimStore,
+    TaskStatus,
+)
+from repeat_every.stores._common import (
+    MAX_ERROR_CHARS,
+    MAX_TASK_NAME_BYTES,
+    check_task_name,
+    owner,
+)
 from repeat_every.testing import FakeClock
 
 START = dt.datetime(2031, 3, 4, 5, 6, 0, tzinfo=dt.timezone.utc)
@@ -611,3 +623,427 @@ def test_importing_the_stores_loads_no_database_driver() -> None:
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
     )
     assert json.loads(out.stdout) == []
+
+
+# -- claims that know their tick's deadline --------------------------------------------------
+
+
+async def test_with_a_deadline_a_claim_lives_until_the_deadline_plus_ttl(
+    backend: Backend, task_name: str
+) -> None:
+    # Real time (each store reads its own clock). The tick is due 0.2 s from now, claims live
+    # 0.2 s: the first claim is held until 0.4 s from now, whenever it was made.
+    first, late = backend.store(), backend.store()
+    deadline = time.time() + 0.2
+    assert await first.claim(task_name, 1, 0.2, deadline=deadline) is True
+    await asyncio.sleep(0.25)  # past the first claim's instant + ttl, not past deadline + ttl
+    assert await late.claim(task_name, 1, 0.2, deadline=deadline) is False
+    await asyncio.sleep(max(0.0, deadline + 0.2 - time.time()) + 0.05)
+    # The tick's window is over: nobody wins it again, however the first claim is doing.
+    assert await late.claim(task_name, 1, 0.2, deadline=deadline) is False
+    assert await late.claim(task_name, 2, 0.2, deadline=deadline) is False  # never claimed
+    assert await backend.claimed_ticks(task_name) in ([1], [])  # 2 was never written
+
+
+async def test_a_claim_reaching_the_store_after_deadline_plus_ttl_loses_and_writes_nothing(
+    backend: Backend, task_name: str
+) -> None:
+    store = backend.store()
+    past = time.time() - 10
+    assert await store.claim(task_name, 1, 5, deadline=past) is False
+    assert await store.claim(task_name, 2, 60, deadline=past) is True  # still in its window
+    assert await backend.claimed_ticks(task_name) == [2]
+    assert (await store.status(task_name)).last_claim.tick == 2  # type: ignore[union-attr]
+
+
+async def test_of_claims_with_the_same_deadline_exactly_one_wins(
+    backend: Backend, task_name: str
+) -> None:
+    stores = [backend.store() for _ in range(4)]
+    deadline = time.time()
+    for tick in range(3):
+        results = await asyncio.gather(
+            *(s.claim(task_name, tick, 60, deadline=deadline) for s in stores for _ in range(5))
+        )
+        assert results.count(True) == 1, results
+
+
+# -- run records -----------------------------------------------------------------------------
+
+
+async def test_a_won_claim_is_remembered_as_the_tasks_last_claimed_tick(
+    backend: Backend, task_name: str
+) -> None:
+    store, other = backend.store(), backend.store()
+    assert await store.status(task_name) == TaskStatus(task_name)  # never seen: all None
+    before = time.time()
+    assert await store.claim(task_name, 7, 60)
+    assert not await other.claim(task_name, 7, 60)  # a lost claim notes nothing
+    status = await other.status(task_name)
+    assert status.last_claim is not None
+    assert (status.last_claim.tick, status.last_claim.worker) == (7, owner())
+    assert before - 1 <= status.last_claim.at.timestamp() <= time.time() + 1
+    assert status.last_claim.at.tzinfo is not None
+    assert await other.claim(task_name, 5, 60)  # an older tick won late does not go back
+    assert (await store.status(task_name)).last_claim.tick == 7  # type: ignore[union-attr]
+    assert await other.claim(task_name, 8, 60)
+    assert (await store.status(task_name)).last_claim.tick == 8  # type: ignore[union-attr]
+
+
+async def test_the_last_success_and_the_last_failure_are_kept_apart(
+    backend: Backend, task_name: str
+) -> None:
+    store = backend.store()
+    await store.record_run(task_name, 1, 1_900_000_000.5, 0.25)
+    await store.record_run(task_name, 2, 1_900_000_060.0, 1.5, ValueError("disk full"))
+    await store.record_run(task_name, 3, 1_900_000_120.0, 0.5, worker="web-2:42")
+    # Late news does not replace newer news (a slow worker reporting an old run).
+    await store.record_run(task_name, 0, 1_899_999_000.0, 9.0)
+    await store.record_run(task_name, 0, 1_899_999_000.0, 9.0, "old failure")
+    status = await backend.store().status(task_name)  # another "process" reads it
+    utc = dt.timezone.utc
+    assert status == TaskStatus(
+        task_name,
+        last_claim=None,
+        last_success=LastRun(
+            3, dt.datetime.fromtimestamp(1_900_000_120, utc), "web-2:42", 0.5, None
+        ),
+        last_failure=LastRun(
+            2,
+            dt.datetime.fromtimestamp(1_900_000_060, utc),
+            owner(),
+            1.5,
+            "ValueError: disk full",
+        ),
+    )
+
+
+async def test_a_failures_text_is_capped(backend: Backend, task_name: str) -> None:
+    store = backend.store()
+    await store.record_run(task_name, 1, time.time(), 0.1, "x" * (MAX_ERROR_CHARS + 500))
+    failure = (await store.status(task_name)).last_failure
+    assert failure is not None
+    assert failure.error == "x" * MAX_ERROR_CHARS
+
+
+async def test_statuses_list_every_task_by_name_and_survive_a_new_store(
+    backend: Backend, task_name: str
+) -> None:
+    store = backend.store()
+    names = [f"{task_name}-b", f"{task_name}-a", f"{task_name}-c"]
+    for tick, name in enumerate(names):
+        assert await store.claim(name, tick, 60)
+    await store.record_run(names[0], 0, time.time(), 0.01)
+    await store.aclose()
+    seen = [s for s in await backend.store().statuses() if s.task.startswith(task_name)]
+    assert [s.task for s in seen] == sorted(names)
+    assert [s.last_claim.tick for s in seen] == [1, 0, 2]  # type: ignore[union-attr]
+    assert [s.last_success is not None for s in seen] == [False, True, False]
+
+
+async def test_a_malformed_run_record_is_refused(backend: Backend, task_name: str) -> None:
+    store = backend.store()
+    with pytest.raises(ValueError, match="task"):
+        await store.record_run("", 1, time.time(), 0.1)
+    with pytest.raises(TypeError, match="started_at"):
+        await store.record_run(task_name, 1, "now", 0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="duration"):
+        await store.record_run(task_name, 1, time.time(), -1)
+    with pytest.raises(TypeError, match="deadline"):
+        await store.claim(task_name, 1, 60, deadline="soon")  # type: ignore[arg-type]
+
+
+async def test_an_sqlite_file_of_the_previous_version_keeps_its_claims_and_gains_records(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "claims.db"
+    with sqlite3.connect(path) as conn:  # the schema of 0.x, with a live claim in it
+        conn.execute(
+            "CREATE TABLE repeat_every_claims (task TEXT NOT NULL, tick INTEGER NOT NULL, "
+            "owner TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (task, tick)) WITHOUT ROWID"
+        )
+        conn.execute(
+            "INSERT INTO repeat_every_claims VALUES ('job', 1, 'old:1', ?)", (time.time() + 60,)
+        )
+    conn.close()
+    async with SQLiteClaimStore(path) as store:
+        assert await store.claim("job", 1, 60) is False  # the old claim still holds
+        assert await store.claim("job", 2, 60) is True
+        await store.record_run("job", 2, time.time(), 0.1)
+        status = await store.status("job")
+    assert status.last_claim is not None
+    assert status.last_claim.tick == 2
+    assert status.last_success is not None
+
+
+async def test_a_postgres_database_of_the_previous_version_gains_the_records_table(
+    postgres_server: PostgresServer, task_name: str
+) -> None:
+    table = f"old_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(postgres_server.dsn)
+    try:
+        await conn.execute(
+            f"CREATE TABLE {table} (task text NOT NULL, tick bigint NOT NULL, owner text NOT "
+            "NULL, expires_at timestamptz NOT NULL, PRIMARY KEY (task, tick))"
+        )
+        await conn.execute(
+            f"INSERT INTO {table} VALUES ($1, 1, 'old:1', now() + interval '1 minute')", task_name
+        )
+        async with PostgresClaimStore(postgres_server.dsn, table=table) as store:
+            assert await store.claim(task_name, 1, 60) is False
+            assert await store.claim(task_name, 2, 60) is True
+            await store.record_run(task_name, 2, time.time(), 0.1, "boom")
+            status = await store.status(task_name)
+        assert status.last_failure is not None
+        assert status.last_failure.error == "boom"
+        assert await conn.fetchval(f"SELECT count(*) FROM {table}_tasks") == 1
+    finally:
+        await conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_tasks")
+        await conn.close()
+
+
+# -- task names, secrets ---------------------------------------------------------------------
+
+
+async def test_every_store_takes_a_task_name_at_the_limit_and_refuses_one_beyond(
+    backend: Backend, task_name: str
+) -> None:
+    store = backend.store()
+    longest = task_name + "é" * ((MAX_TASK_NAME_BYTES - len(task_name)) // 2)
+    longest += "x" * (MAX_TASK_NAME_BYTES - len(longest.encode()))
+    assert len(longest.encode()) == MAX_TASK_NAME_BYTES
+    assert await store.claim(longest, 1, 60) is True
+    assert await store.claim(longest, 1, 60) is False
+    await store.record_run(longest, 1, time.time(), 0.1, "boom")
+    assert (await store.status(longest)).last_failure is not None
+    for bad in (longest + "x", "job\x00", "job\nFAKE LOG LINE", "job\x1b[31m", "\ud800"):
+        with pytest.raises(ValueError, match="task"):
+            await store.claim(bad, 1, 60)
+        with pytest.raises(ValueError, match="task"):
+            await store.record_run(bad, 1, time.time(), 0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "fine"),
+    [
+        ("reports.send_digest", True),
+        ("tâche-nocturne ✓", True),
+        ("x" * MAX_TASK_NAME_BYTES, True),
+        ("x" * (MAX_TASK_NAME_BYTES + 1), False),
+        ("a\x00b", False),
+        ("a\nb", False),
+        ("a\tb", False),
+        ("", False),
+    ],
+)
+def test_check_task_name_accepts_what_every_store_accepts(name: str, fine: bool) -> None:
+    if fine:
+        assert check_task_name(name) == name
+    else:
+        with pytest.raises(ValueError, match="name must"):
+            check_task_name(name, "name")
+
+
+def test_check_task_name_refuses_a_non_string_naming_the_argument() -> None:
+    with pytest.raises(TypeError, match="name must be a string"):
+        check_task_name(42, "name")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RedisClaimStore("redis://:s3cret-pw@127.0.0.1:1/0"),
+        lambda: RedisClaimStore("rediss://user:s3cret-pw@127.0.0.1:1/0"),
+        lambda: RedisClaimStore("redis://127.0.0.1:1/0?password=s3cret-pw"),
+        lambda: PostgresClaimStore("postgresql://postgres:s3cret-pw@127.0.0.1:1/db"),
+        lambda: PostgresClaimStore("postgres://u:s3cret-pw@127.0.0.1:1/db?sslmode=disable"),
+        lambda: PostgresClaimStore("host=127.0.0.1 password=s3cret-pw dbname=db"),
+        lambda: PostgresClaimStore("postgresql://u@127.0.0.1:1/db?password=s3cret-pw"),
+    ],
+)
+def test_no_store_shows_its_password_in_its_repr(make: Any) -> None:
+    text = repr(make())
+    assert "s3cret-pw" not in text
+    assert "***" in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret-pw@127.0.0.1:{port}/0",
+        "postgresql://postgres:s3cret-pw@127.0.0.1:{port}/postgres",
+    ],
+)
+async def test_a_failing_store_logs_no_secret(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    target = url.format(port=free_port())
+    store: Store = (
+        RedisClaimStore(target, timeout=1)
+        if target.startswith("redis")
+        else PostgresClaimStore(target, timeout=1)
+    )
+
+    @repeat_every(seconds=1, store=store, name="secretive")
+    async def job() -> None:
+        pass
+
+    caplog.set_level(logging.DEBUG, logger="repeat_every")
+    with FakeClock(start=START) as clock:
+        handle = job()
+        await clock.advance(1)
+        await handle.aclose()
+    await store.aclose()
+    assert handle.skipped == 2
+    logged = "\n".join(
+        logging.Formatter().format(record) for record in caplog.records
+    )  # messages and tracebacks
+    assert "claim store failed" in logged
+    assert "s3cret-pw" not in logged
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:6379/0", "localhost:6379", "valkey://:s3cret-pw@host/0"]
+)
+def test_a_redis_url_with_another_scheme_is_refused_without_showing_its_password(
+    url: str,
+) -> None:
+    with pytest.raises(ValueError, match="url must start with redis://") as caught:
+        RedisClaimStore(url)
+    assert "s3cret-pw" not in str(caught.value)
+
+
+async def test_the_run_records_example_of_the_docs_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "many-workers.md").read_text()
+    block = text.split("<!-- run-records-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "many-workers.md", "exec"), namespace)
+    await namespace["show"](tmp_path / "claims.db")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{owner()} LastRun(tick=1, started_at=")
+    assert out[1].startswith("reports.nightly LastRun(tick=1,")
+    assert out[1].endswith(" None")
+
+
+async def test_sqlite_claims_that_meet_another_processs_lock_wait_in_the_stores_thread(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "claims.db"
+    async with SQLiteClaimStore(path) as store:
+        assert await store.claim("job", 0, 60)  # the file is open: claims now start inline
+        holder = sqlite3.connect(path, isolation_level=None)  # another process, writing
+        holder.execute("BEGIN IMMEDIATE")
+        claims = asyncio.gather(*(store.claim("job", tick, 60) for tick in (1, 1, 2, 2, 3)))
+        await asyncio.sleep(0.05)  # the event loop is free meanwhile
+        assert not claims.done()
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert await claims == [True, False, True, False, True]
+        assert await store.claim("job", 4, 60)  # and inline again
+
+
+async def test_the_sqlite_write_ahead_log_stays_small_though_the_loop_never_checkpoints(
+    tmp_path: Path,
+) -> None:
+    # Claims made on the event loop's thread leave WAL checkpoints to the store's thread
+    # (every 500 writes and at each cleanup). 3,000 claims without any checkpoint leave a
+    # WAL of about 26 MB; with them it is reused from its start, about 5 MB.
+    path = tmp_path / "claims.db"
+    async with SQLiteClaimStore(path, cleanup_interval=3600) as store:
+        for tick in range(3000):
+            assert await store.claim("job", tick, 60)
+        assert Path(f"{path}-wal").stat().st_size < 12_000_000
+
+
+async def test_an_sqlite_store_makes_its_tables_again_when_they_vanish(tmp_path: Path) -> None:
+    path = tmp_path / "claims.db"
+    async with SQLiteClaimStore(path) as store:
+        assert await store.claim("job", 1, 60)
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute("DROP TABLE repeat_every_claims")
+        other.close()
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            await store.claim("job", 2, 60)
+        assert await store.claim("job", 2, 60)  # reconnected, and the table made again
+        assert not await store.claim("job", 2, 60)
+
+
+async def test_sqlite_writes_of_many_tasks_in_one_turn_share_a_transaction_or_wait_together(
+    tmp_path: Path,
+) -> None:
+    # Task 1 claims on the event loop's thread; tasks 2 and 3 claim in the same turn of the
+    # loop, after another process took the write lock: their claims are queued for the end
+    # of the turn, meet the lock there, and are answered by the store's thread once it is
+    # released.
+    path = tmp_path / "claims.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    async def claim(task: str, lock_first: bool = False) -> bool:
+        if lock_first:
+            holder.execute("BEGIN IMMEDIATE")
+        return await store.claim(task, 1, 60)
+
+    async with SQLiteClaimStore(path) as store:
+        assert await store.claim("warm-up", 0, 60)
+        claims = asyncio.gather(claim("one"), claim("two", lock_first=True), claim("three"))
+        await asyncio.sleep(0.05)
+        assert not claims.done()
+        holder.execute("ROLLBACK")
+        assert await claims == [True, True, True]
+        assert [await store.claim(t, 1, 60) for t in ("one", "two", "three")] == [False] * 3
+    holder.close()
+
+
+async def test_a_failing_shared_transaction_fails_each_of_its_claims(tmp_path: Path) -> None:
+    path = tmp_path / "claims.db"
+
+    async def claim(task: str, drop_first: bool = False) -> bool:
+        if drop_first:
+            with sqlite3.connect(path, isolation_level=None) as other:
+                other.execute("DROP TABLE repeat_every_claims")
+            other.close()
+        return await store.claim(task, 1, 60)
+
+    async with SQLiteClaimStore(path) as store:
+        assert await store.claim("warm-up", 0, 60)
+        results = await asyncio.gather(
+            claim("one"), claim("two", drop_first=True), claim("three"), return_exceptions=True
+        )
+        assert results[0] is True
+        assert [type(r) for r in results[1:]] == [sqlite3.OperationalError] * 2
+        assert await store.claim("two", 1, 60)  # the table is made again
+
+
+# -- catch-up: a tick nobody ran ---------------------------------------------------------------
+
+
+async def test_a_catch_up_claim_wins_only_a_tick_newer_than_every_claimed_one(
+    backend: Backend, task_name: str
+) -> None:
+    # Three workers restart after an outage; the daily tick of 09:00 (an hour ago) was run by
+    # nobody. Each claims it with if_newest and a grace of two hours: one wins.
+    nine = time.time() - 3600
+    stores = [backend.store() for _ in range(3)]
+    assert await stores[0].claim(task_name, 1, 60)  # yesterday's tick ran
+    results = await asyncio.gather(
+        *(s.claim(task_name, 2, 7200, deadline=nine, if_newest=True) for s in stores)
+    )
+    assert sorted(results) == [False, False, True]
+    # Restarted again: the tick ran already (its claim is still there, and the records say so).
+    assert not await stores[1].claim(task_name, 2, 7200, deadline=nine, if_newest=True)
+    # A tick older than the last one claimed never runs late, however long its grace.
+    assert await stores[2].claim(task_name, 5, 60)
+    assert not await stores[0].claim(task_name, 4, 7200, deadline=nine, if_newest=True)
+    # Past its grace, not even the newest tick is caught up.
+    assert not await stores[0].claim(task_name, 6, 1800, deadline=nine, if_newest=True)
+
+
+async def test_a_catch_up_claim_loses_to_a_tick_whose_claim_has_expired(
+    backend: Backend, task_name: str
+) -> None:
+    store = backend.store()
+    assert await store.claim(task_name, 3, 0.05)
+    await asyncio.sleep(0.15)  # real time: the claim has expired (each store's own clock)
+    assert not await backend.store().claim(task_name, 3, 60, if_newest=True)
+    assert await backend.store().claim(task_name, 4, 60, if_newest=True)  # never claimed
+    assert not await store.claim(task_name, 4, 60)  # and an ordinary claim finds it

@@ -1,8 +1,10 @@
-"""What the claim stores share: who claims, argument checks, the loop a client belongs to."""
+"""What the claim stores share: who claims, argument checks, run records, the loop a client
+belongs to."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import importlib
 import math
 import os
@@ -10,8 +12,10 @@ import re
 import socket
 import sys
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -32,18 +36,27 @@ else:  # pragma: no cover - Python 3.10
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
-_hostname: str | None = None
+_owner: str | None = None  # "host:pid" of this process, made on first use, forgotten at fork
 
 
 def owner() -> str:
     """``host:pid`` of the caller: written beside each claim, to see who ran a tick.
 
-    Read at each claim (not at import): a worker forked after the import has its own pid.
+    Made on first use (not at import) and made again in a forked child, which has its own pid.
     """
-    global _hostname
-    if _hostname is None:
-        _hostname = socket.gethostname()
-    return f"{_hostname}:{os.getpid()}"
+    global _owner
+    if _owner is None:
+        _owner = f"{socket.gethostname()}:{os.getpid()}"
+    return _owner
+
+
+def _forgotten_at_fork() -> None:
+    global _owner
+    _owner = None
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which never forks
+    os.register_at_fork(after_in_child=_forgotten_at_fork)
 
 
 def require(module: str, extra: str, store: str) -> None:
@@ -83,13 +96,211 @@ def check_seconds(value: object, argument: str, *, allow_zero: bool = False) -> 
     return seconds
 
 
-def check_claim(task: object, tick: object, ttl: object) -> None:
-    """Refuse a malformed claim before it reaches the store (a bug, not an outage)."""
-    if not isinstance(task, str) or not task:
-        raise ValueError(f"task must be a non-empty string, got {task!r}")
+MAX_TASK_NAME_BYTES = 1000
+"""The longest task name every store accepts, in bytes of UTF-8.
+
+PostgreSQL refuses an index entry longer than about 2.7 kB (a third of a page), so the claims
+table's primary key ``(task, tick)`` caps a name there; 1,000 bytes leaves room for the tick
+and any future column, and is far beyond a module path and function name.
+"""
+
+MAX_ERROR_CHARS = 2000
+"""A run record keeps the first this many characters of the failure's text."""
+
+_TICK_MIN, _TICK_MAX = -(2**63), 2**63 - 1
+# Unicode's control characters (category Cc) and surrogates (Cs): what check_task_name refuses.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_good_names: set[str] = set()  # a SQL bigint, as the SQL stores keep it
+
+
+def check_task_name(name: object, argument: str = "task") -> str:
+    """``name`` if every claim store accepts it as a task name; else a ``ValueError``/``TypeError``.
+
+    A task name is a non-empty ``str`` of at most :data:`MAX_TASK_NAME_BYTES` bytes of UTF-8,
+    without control characters (a NUL cannot be stored in PostgreSQL; a newline or an escape
+    sequence would split or forge log lines) and without lone surrogates (not encodable).
+    ``argument`` names the argument in the message (``name`` at decoration).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must be a string, got {name!r}")
+    if name in _good_names:
+        return name
+    if not name:
+        raise ValueError(f"{argument} must not be empty")
+    if found := _UNSAFE.search(name):
+        bad = found.group()
+        raise ValueError(
+            f"{argument} must not contain control characters (newline, NUL, escape…) or lone "
+            f"surrogates: found {bad!r} in {name[:80]!r}; use a name like 'reports.send_digest'"
+        )
+    size = len(name.encode("utf-8"))
+    if size > MAX_TASK_NAME_BYTES:
+        raise ValueError(
+            f"{argument} must be at most {MAX_TASK_NAME_BYTES} bytes of UTF-8 (the claim stores' "
+            f"limit), got {size}: {name[:40]!r}…"
+        )
+    if len(_good_names) < 10_000:  # a task claims with the same name every tick
+        _good_names.add(name)
+    return name
+
+
+def check_tick(tick: object) -> int:
+    """A tick key: an ``int`` that fits a SQL ``bigint``."""
     if isinstance(tick, bool) or not isinstance(tick, int):
         raise TypeError(f"tick must be an int, got {tick!r}")
-    check_seconds(ttl, "ttl")
+    if not _TICK_MIN <= tick <= _TICK_MAX:
+        raise ValueError(f"tick must fit in 64 bits, got {tick!r}")
+    return tick
+
+
+def check_claim(task: object, tick: object, ttl: object, deadline: object = None) -> float:
+    """Refuse a malformed claim before it reaches the store (a bug, not an outage).
+
+    Returns the ttl as a float.
+    """
+    check_task_name(task)
+    check_tick(tick)
+    seconds = check_seconds(ttl, "ttl")
+    if deadline is not None:
+        check_instant(deadline, "deadline")
+    return seconds
+
+
+def check_instant(value: object, argument: str) -> float:
+    """A finite wall-clock instant in seconds since the Unix epoch, as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument} must be seconds since the Unix epoch, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{argument} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_run(task: object, tick: object, started_at: object, duration: object) -> None:
+    """Refuse a malformed run record before it reaches the store."""
+    check_task_name(task)
+    check_tick(tick)
+    check_instant(started_at, "started_at")
+    check_seconds(duration, "duration", allow_zero=True)
+
+
+def error_text(error: object) -> str | None:
+    """What a run record keeps of a failure: ``None`` for a success, else its text, capped."""
+    if error is None:
+        return None
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return text[:MAX_ERROR_CHARS]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (in the authority or a ``password=`` parameter) as ``***``.
+
+    For reprs and log lines: ``redis://:s3cret@host/0`` → ``redis://:***@host/0``. A libpq
+    keyword string (``host=… password=…``) is redacted too.
+    """
+    text = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&;]*)", r"\1***", url)
+    try:
+        parts = urlsplit(text)
+        netloc = parts.netloc
+    except ValueError:  # not a URL: nothing more to hide than the keywords above
+        return text
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            user = userinfo.split(":", 1)[0]
+            return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return text
+
+
+def utc(seconds: float) -> dt.datetime:
+    """A Unix instant as an aware UTC datetime."""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class LastClaim:
+    """The last tick of a task that a worker won in the store."""
+
+    tick: int
+    """The tick's key (what the task passed to ``claim``)."""
+    at: dt.datetime
+    """When it was won, on the winner's wall clock (UTC)."""
+    worker: str
+    """``host:pid`` of the winner."""
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """A run a worker recorded with ``record_run``: the last success, or the last failure."""
+
+    tick: int
+    """The tick the run belonged to."""
+    started_at: dt.datetime
+    """When it started, on the worker's wall clock (UTC)."""
+    worker: str
+    """``host:pid`` of the worker that ran it."""
+    duration: float
+    """Seconds it took."""
+    error: str | None
+    """The failure's text (first ``MAX_ERROR_CHARS`` characters); ``None`` for a success."""
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """What a store remembers of one task, fleet-wide: ``None`` where nothing happened yet.
+
+    Written by every worker that shares the store: ``last_claim`` by the claim a worker won,
+    ``last_success``/``last_failure`` by :meth:`record_run`. Kept across restarts, for as long
+    as the store keeps its data (the claims' expiry does not touch it).
+    """
+
+    task: str
+    last_claim: LastClaim | None = None
+    last_success: LastRun | None = None
+    last_failure: LastRun | None = None
+
+
+STATUS_COLUMNS = (  # of the SQL stores' tasks table, in this order
+    "task",
+    "claimed_tick",
+    "claimed_at",
+    "claimed_by",
+    "ok_tick",
+    "ok_at",
+    "ok_by",
+    "ok_duration",
+    "ok_error",
+    "failed_tick",
+    "failed_at",
+    "failed_by",
+    "failed_duration",
+    "failed_error",
+)
+
+
+def status_from_row(row: Sequence[Any]) -> TaskStatus:
+    """A :class:`TaskStatus` from the ``STATUS_COLUMNS`` of a SQL row (instants as Unix seconds)."""
+    (
+        task,
+        c_tick,
+        c_at,
+        c_by,
+        o_tick,
+        o_at,
+        o_by,
+        o_dur,
+        o_err,
+        f_tick,
+        f_at,
+        f_by,
+        f_dur,
+        f_err,
+    ) = row
+    return TaskStatus(
+        task,
+        None if c_tick is None else LastClaim(c_tick, utc(c_at), c_by),
+        None if o_tick is None else LastRun(o_tick, utc(o_at), o_by, o_dur, o_err),
+        None if f_tick is None else LastRun(f_tick, utc(f_at), f_by, f_dur, f_err),
+    )
 
 
 class PerLoop(Generic[T]):
@@ -125,6 +336,8 @@ class PerLoop(Generic[T]):
         slot = self._slots.get(loop)
         if slot is None or slot.pid != os.getpid():
             slot = self._slots[loop] = _Slot()
+        elif slot.value is not None:
+            return slot.value  # the common case: no lock to take
         async with slot.lock:
             if slot.value is None:
                 value = await self._make()

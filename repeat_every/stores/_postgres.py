@@ -6,7 +6,22 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._common import PerLoop, check_claim, check_seconds, check_table, owner, require, within
+from ._common import (
+    STATUS_COLUMNS,
+    PerLoop,
+    TaskStatus,
+    check_claim,
+    check_run,
+    check_seconds,
+    check_table,
+    check_task_name,
+    error_text,
+    owner,
+    redact_url,
+    require,
+    status_from_row,
+    within,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -29,10 +44,17 @@ class PostgresClaimStore:
     - **Expiry by the server.** A claim lasts ``ttl`` seconds on the database server's clock
       (``clock_timestamp()``), so the workers' clocks do not matter for it. Each store deletes
       expired rows at most every ``cleanup_interval`` seconds, so the table stays small.
-    - **The table is made for you.** ``table`` is created if missing, on the first claim,
-      under an advisory lock so that many workers starting at once do not trip over each
-      other. Its columns: ``task text``, ``tick bigint`` (primary key together),
-      ``owner text`` (``host:pid`` of the winner), ``expires_at timestamptz``.
+    - **No late winner, given the deadline.** With ``deadline=`` (the tick's due instant), the
+      claim lives until ``deadline + ttl`` on the server's clock, and a claim reaching the
+      server at or after that instant loses: a worker however late cannot win a tick another
+      worker claimed.
+    - **Run records.** A won claim also notes the task's last claimed tick, in the same
+      statement; :meth:`record_run` notes its last success or failure; :meth:`status` and
+      :meth:`statuses` read them (table ``<table>_tasks``, one row per task, never expired).
+    - **The tables are made for you.** ``table`` and ``<table>_tasks`` are created if missing,
+      on the first claim, under an advisory lock so that many workers starting at once do
+      not trip over each other. The claims' columns: ``task text``, ``tick bigint`` (primary
+      key together), ``owner text`` (``host:pid`` of the winner), ``expires_at timestamptz``.
     - **Lazy and self-healing.** Given a ``dsn``, the store makes its own small connection pool
       on the first claim (one per event loop, and a new one in a forked process, each closed
       when its loop ends); after any failure that pool is discarded and the next claim
@@ -55,7 +77,8 @@ class PostgresClaimStore:
         """Claim in the database at ``dsn`` (``postgresql://user:password@host:5432/db``), or
         through an existing ``asyncpg.Pool``: one of the two.
 
-        ``table``: the claims table (``name`` or ``schema.name``). ``timeout``: seconds a claim
+        ``table``: the claims table (``name`` or ``schema.name``; the run records go to
+        ``<table>_tasks``). ``timeout``: seconds a claim
         may take, connecting included. ``cleanup_interval``: seconds between two deletions of
         expired claims by this store (0: after every claim). ``pool_size``: connections of the
         store's own pool (with ``dsn``).
@@ -66,7 +89,7 @@ class PostgresClaimStore:
                 "pool=<an asyncpg.Pool>, not both and not neither"
             )
         if dsn is not None and (not isinstance(dsn, str) or not dsn):
-            raise TypeError(f"dsn must be a PostgreSQL URL such as 'postgresql://…', got {dsn!r}")
+            raise TypeError("dsn must be a PostgreSQL URL such as 'postgresql://user@host/db'")
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"pool_size must be an int ≥ 1, got {pool_size!r}")
         if dsn is not None:
@@ -74,6 +97,12 @@ class PostgresClaimStore:
         self._dsn = dsn
         self._given = pool
         self._table = check_table(table)
+        if len(self._table.rsplit(".", 1)[-1]) > 57:
+            raise ValueError(
+                f"table must be at most 57 characters (after any schema) so that "
+                f"'{{table}}_tasks' fits PostgreSQL's 63, got {table!r}"
+            )
+        self._tasks = f"{self._table}_tasks"
         self._timeout = check_seconds(timeout, "timeout")
         self._cleanup_interval = check_seconds(
             cleanup_interval, "cleanup_interval", allow_zero=True
@@ -82,37 +111,108 @@ class PostgresClaimStore:
         self._own: PerLoop[Any] = PerLoop(self._connect, self._close, _terminate)
         self._table_ready = False  # with a given pool: the table was created
         self._last_cleanup = -float("inf")  # time.monotonic() of the last cleanup
-        t = self._table
+        t, n = self._table, self._tasks
+        # $5, the deadline, is NULL for a claim without one; $6 the claimer's wall clock; $7
+        # true to win only a tick newer than every tick of the task claimed so far.
         self._claim_sql = (
-            f"INSERT INTO {t} AS c (task, tick, owner, expires_at) "
-            "VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4)) "
+            f"WITH won AS (INSERT INTO {t} AS c (task, tick, owner, expires_at) "
+            "SELECT $1, $2, $3, e.at FROM (SELECT CASE WHEN $5::float8 IS NULL "
+            "THEN clock_timestamp() + make_interval(secs => $4) "
+            "ELSE to_timestamp($5::float8 + $4) END AS at) AS e "
+            "WHERE e.at > clock_timestamp() AND (NOT $7::bool OR NOT EXISTS ("
+            f"SELECT 1 FROM {n} AS l WHERE l.task = $1 AND l.claimed_tick >= $2)) "
             "ON CONFLICT (task, tick) DO UPDATE "
             "SET owner = excluded.owner, expires_at = excluded.expires_at "
-            "WHERE c.expires_at <= clock_timestamp() "
-            "RETURNING true"
+            "WHERE c.expires_at <= clock_timestamp() RETURNING c.task), "
+            f"noted AS (INSERT INTO {n} AS s (task, claimed_tick, claimed_at, claimed_by) "
+            "SELECT task, $2, to_timestamp($6), $3 FROM won "
+            "ON CONFLICT (task) DO UPDATE SET claimed_tick = excluded.claimed_tick, "
+            "claimed_at = excluded.claimed_at, claimed_by = excluded.claimed_by "
+            "WHERE s.claimed_tick IS NULL OR s.claimed_tick <= excluded.claimed_tick) "
+            "SELECT count(*) FROM won"
         )
         self._cleanup_sql = f"DELETE FROM {t} WHERE expires_at <= clock_timestamp()"
+        self._record_sql = {
+            ok: f"INSERT INTO {n} AS s (task, {p}_tick, {p}_at, {p}_by, {p}_duration, {p}_error) "
+            "VALUES ($1, $2, to_timestamp($3), $4, $5, $6) ON CONFLICT (task) DO UPDATE SET "
+            f"{p}_tick = excluded.{p}_tick, {p}_at = excluded.{p}_at, "
+            f"{p}_by = excluded.{p}_by, {p}_duration = excluded.{p}_duration, "
+            f"{p}_error = excluded.{p}_error "
+            f"WHERE s.{p}_at IS NULL OR s.{p}_at <= excluded.{p}_at"
+            for ok, p in ((True, "ok"), (False, "failed"))
+        }
+        columns = ", ".join(
+            f"extract(epoch FROM {c})::float8" if c.endswith("_at") else c for c in STATUS_COLUMNS
+        )
+        self._status_sql = f"SELECT {columns} FROM {n}"
 
     @property
     def table(self) -> str:
         """The claims table."""
         return self._table
 
-    async def claim(self, task: str, tick: int, ttl: float) -> bool:
-        """Claim ``(task, tick)`` for ``ttl`` seconds; ``True`` if this caller won it.
+    async def claim(
+        self,
+        task: str,
+        tick: int,
+        ttl: float,
+        *,
+        deadline: float | None = None,
+        if_newest: bool = False,
+    ) -> bool:
+        """Claim ``(task, tick)``; ``True`` if this caller won it.
+
+        Without ``deadline`` the claim lives ``ttl`` seconds from when the server runs it.
+        With ``deadline`` (the tick's due instant, seconds since the Unix epoch) it lives until
+        ``deadline + ttl`` on the server's clock, and a claim the server runs at or after that
+        instant loses.
+        With ``if_newest=True`` the claim also loses if the store's run records show that a
+        worker claimed this tick or a later one of ``task``, at any time (for a catch-up run
+        of a tick missed while every worker was down: once across the fleet, even after the
+        tick's own claims expired).
 
         Raises asyncpg's or the OS's error (or ``TimeoutError``) when the database cannot be
         reached.
         """
-        check_claim(task, tick, ttl)
-        try:
-            won = await within(self._timeout, self._claim(task, tick, float(ttl)))
-        except Exception:  # not on cancellation: other claims may be using the pool
-            await self._discard()
-            raise
+        seconds = check_claim(task, tick, ttl, deadline)
+        args = (task, tick, owner(), seconds, deadline, time.time(), bool(if_newest))
+        won = await self._fetchval(self._claim_sql, *args)
         if time.monotonic() - self._last_cleanup >= self._cleanup_interval:
             await self._cleanup()
-        return won
+        return bool(won)
+
+    async def record_run(
+        self,
+        task: str,
+        tick: int,
+        started_at: float,
+        duration: float,
+        error: BaseException | str | None = None,
+        *,
+        worker: str | None = None,
+    ) -> None:
+        """Note a finished run of ``task``: its last success (``error`` is ``None``) or its
+        last failure (``error``: the exception or its text).
+
+        ``started_at``: when it started (seconds since the Unix epoch); ``duration``: seconds
+        it took; ``worker``: who ran it (default: ``host:pid`` of the caller). A record older
+        than the one kept (by ``started_at``) does not replace it.
+        """
+        check_run(task, tick, started_at, duration)
+        text = error_text(error)
+        row = (task, tick, float(started_at), worker or owner(), float(duration), text)
+        await self._fetchval(self._record_sql[text is None], *row)
+
+    async def status(self, task: str) -> TaskStatus:
+        """What the store remembers of ``task`` (all ``None`` for a task it never saw)."""
+        check_task_name(task)
+        rows = await self._fetch(f"{self._status_sql} WHERE task = $1", task)
+        return status_from_row(rows[0]) if rows else TaskStatus(task)
+
+    async def statuses(self) -> list[TaskStatus]:
+        """What the store remembers of every task, by name."""
+        rows = await self._fetch(f"{self._status_sql} ORDER BY task")
+        return [status_from_row(row) for row in rows]
 
     async def aclose(self) -> None:
         """Close the pool the store made (not a given one); a later claim makes a new one.
@@ -134,15 +234,30 @@ class PostgresClaimStore:
         await self.aclose()
 
     def __repr__(self) -> str:
-        target = "dsn=…" if self._dsn is not None else f"pool={self._given!r}"
+        # Never the password: reprs end up in logs and error pages.
+        target = f"dsn={redact_url(self._dsn)!r}" if self._dsn is not None else "pool=…"
         return f"{type(self).__name__}({target}, table={self._table!r})"
 
     # -- internals ----------------------------------------------------------------------------
 
-    async def _claim(self, task: str, tick: int, ttl: float) -> bool:
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        try:
+            return await within(self._timeout, self._run("fetchval", sql, args))
+        except Exception:  # not on cancellation: other claims may be using the pool
+            await self._discard()
+            raise
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            rows: list[Any] = await within(self._timeout, self._run("fetch", sql, args))
+        except Exception:
+            await self._discard()
+            raise
+        return rows
+
+    async def _run(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
         pool = await self._pool()
-        won = await pool.fetchval(self._claim_sql, task, tick, owner(), ttl)
-        return bool(won)
+        return await getattr(pool, method)(sql, *args)
 
     async def _pool(self) -> Any:
         if self._given is None:
@@ -177,17 +292,28 @@ class PostgresClaimStore:
             pool.terminate()
 
     async def _create_table(self, pool: Any) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            # CREATE TABLE IF NOT EXISTS is not safe against itself: two sessions running it
-            # at once can both try to create the table's row type. Serialize them.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._table)
+        # One round trip: statements sent together (without parameters) run as one
+        # transaction, so the advisory lock is held until both tables exist.
+        # CREATE TABLE IF NOT EXISTS is not safe against itself: two sessions running it at
+        # once can both try to create the table's row type. The lock serializes them. The
+        # tasks table came with run records: an older database gets it here, its claims
+        # table untouched. (The names are checked identifiers: safe to put in a literal.)
+        async with pool.acquire() as conn:
             await conn.execute(
+                f"SELECT pg_advisory_xact_lock(hashtext('{self._table}'));"
                 f"CREATE TABLE IF NOT EXISTS {self._table} ("
                 " task text NOT NULL,"
                 " tick bigint NOT NULL,"
                 " owner text NOT NULL,"
                 " expires_at timestamptz NOT NULL,"
-                " PRIMARY KEY (task, tick))"
+                " PRIMARY KEY (task, tick));"
+                f"CREATE TABLE IF NOT EXISTS {self._tasks} ("
+                " task text PRIMARY KEY,"
+                " claimed_tick bigint, claimed_at timestamptz, claimed_by text,"
+                " ok_tick bigint, ok_at timestamptz, ok_by text, ok_duration float8,"
+                " ok_error text,"
+                " failed_tick bigint, failed_at timestamptz, failed_by text,"
+                " failed_duration float8, failed_error text);"
             )
 
     async def _discard(self) -> None:

@@ -3,43 +3,112 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
-from ._common import PerLoop, check_claim, check_seconds, owner, require, within
+from ._common import (
+    LastClaim,
+    LastRun,
+    PerLoop,
+    TaskStatus,
+    check_claim,
+    check_run,
+    check_seconds,
+    check_task_name,
+    error_text,
+    owner,
+    redact_url,
+    require,
+    utc,
+    within,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from redis.asyncio import Redis
 
+_SCHEMES = ("redis://", "rediss://", "unix://")
+
+# KEYS: the claim, the task's status hash, the set of task names.
+# ARGV: owner, ttl (ms), deadline (ms since the epoch, or ""), tick, now (s, owner's clock), task,
+# "1" to win only a tick newer than every tick of the task claimed so far (else "").
+# With a deadline the claim lives until deadline + ttl on the server's clock, and a claim that
+# reaches the server after that instant loses: however late the caller, it cannot win a tick
+# whose first claim may have expired. (TIME before a write needs effects replication: the
+# default since Redis 5; asked for explicitly where the function still exists.)
+_CLAIM = """
+local ttl = tonumber(ARGV[2])
+if ARGV[3] ~= '' then
+  if redis.replicate_commands then redis.replicate_commands() end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  ttl = math.floor(tonumber(ARGV[3]) + ttl - now)
+  if ttl <= 0 then return 0 end
+end
+local last = redis.call('HGET', KEYS[2], 'claimed_tick')
+if ARGV[7] ~= '' and last and tonumber(last) >= tonumber(ARGV[4]) then return 0 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ttl) then return 0 end
+if not last or tonumber(last) <= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[2], 'claimed_tick', ARGV[4], 'claimed_at', ARGV[5],
+             'claimed_by', ARGV[1])
+end
+redis.call('SADD', KEYS[3], ARGV[6])
+return 1
+"""
+
+# KEYS: the task's status hash, the set of task names.
+# ARGV: "ok" or "failed", tick, started at (s), worker, duration (s), error text, task.
+_RECORD = """
+local p = ARGV[1]
+local last = redis.call('HGET', KEYS[1], p .. '_at')
+if not last or tonumber(last) <= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], p .. '_tick', ARGV[2], p .. '_at', ARGV[3], p .. '_by', ARGV[4],
+             p .. '_duration', ARGV[5], p .. '_error', ARGV[6])
+end
+redis.call('SADD', KEYS[2], ARGV[7])
+return 1
+"""
+
 
 class RedisClaimStore:
     """Claims as Redis keys: once per tick across every process and host using one Redis.
 
-    Works with Redis ≥ 2.6.12 and its compatible servers (Valkey, KeyDB, Dragonfly…), through
-    the official client (``pip install 'repeat-every[redis]'``), imported when the store is made
-    (``import repeat_every.stores`` alone does not import it).
+    Works with Redis ≥ 5 and its compatible servers that run Lua scripts (Valkey, KeyDB…),
+    through the official client (``pip install 'repeat-every[redis]'``), imported when the store
+    is made (``import repeat_every.stores`` alone does not import it). Not with Redis Cluster
+    (a claim's script touches three keys).
 
     Users may rely on:
 
-    - **One winner.** A claim is ``SET <prefix><task>:<tick> <host:pid> NX PX <ttl>``, which
-      Redis runs atomically: exactly one caller gets ``True`` until the key expires.
-    - **Expiry by the server.** The key lasts ``ttl`` seconds on the Redis server's clock
-      (rounded up to the millisecond), so the workers' clocks do not matter for it; Redis
-      deletes expired keys itself, so nothing grows.
+    - **One winner.** A claim is one Lua script around ``SET <prefix><task>:<tick> <host:pid>
+      NX PX <ms>``, which Redis runs atomically: exactly one caller gets ``True`` until the key
+      expires.
+    - **Expiry by the server.** The key lasts ``ttl`` seconds (rounded up to the millisecond)
+      on the Redis server's clock, so the workers' clocks do not matter for it; Redis deletes
+      expired keys itself, so nothing grows.
+    - **No late winner, given the deadline.** With ``deadline=`` (the tick's due instant), the
+      key lasts until ``deadline + ttl`` on the server's clock (``TIME``), and a claim reaching
+      the server at or after that instant loses: a worker however late cannot win a tick
+      another worker claimed.
+    - **Run records.** A won claim also notes the task's last claimed tick, in the same
+      script; :meth:`record_run` notes its last success or failure; :meth:`status` and
+      :meth:`statuses` read them (a hash ``<status_prefix><task>`` per task, and the set
+      ``<status_prefix>`` of task names; never expired).
     - **Lazy and self-healing.** Given a ``url``, the store makes its own client on the first
       claim (one per event loop, and a new one in a forked process, each closed when its
       loop ends); the client reconnects by itself once the server is back. A failing claim
       raises (the task then applies ``on_store_error``); a claim never waits more than
       ``timeout`` seconds for the server. A connection error is retried once at once (a
-      pooled connection the server had closed), a time-out is not: a ``SET`` that may have
+      pooled connection the server had closed), a time-out is not: a claim that may have
       reached the server is never sent twice, so a lost reply costs a tick rather than
       running it twice.
     - **Your client, your lifetime.** Given a ``client``, the store uses it as it is (its own
       retry and time-out settings) and `aclose` does not close it.
 
     A Redis primary that fails over to a replica before replicating a claim can let a second
-    process win that tick: see docs/many-workers.md.
+    process win that tick: see docs/many-workers.md. Its ``repr`` never shows the URL's
+    password.
     """
 
     def __init__(
@@ -48,13 +117,16 @@ class RedisClaimStore:
         *,
         client: Redis | None = None,
         prefix: str = "repeat_every:claim:",
+        status_prefix: str = "repeat_every:task:",
         timeout: float = 5.0,
     ) -> None:
         """Claim in the Redis at ``url`` (``redis://host:6379/0``, ``rediss://…``,
         ``unix://…``), or through an existing ``redis.asyncio.Redis`` ``client``: one of the two.
 
-        ``prefix``: what every key starts with. ``timeout``: seconds a claim may take,
-        connecting included (also the client's connect and read time-outs, with ``url``).
+        ``prefix``: what every claim's key starts with. ``status_prefix``: what each task's
+        run-record hash starts with (the key ``status_prefix`` itself holds the set of task
+        names). ``timeout``: seconds a claim may take, connecting included (also the client's
+        connect and read time-outs, with ``url``).
         """
         if (url is None) == (client is None):
             raise TypeError(
@@ -62,32 +134,117 @@ class RedisClaimStore:
                 "redis.asyncio.Redis>, not both and not neither"
             )
         if url is not None and (not isinstance(url, str) or not url):
-            raise TypeError(f"url must be a Redis URL like 'redis://localhost:6379/0', got {url!r}")
+            raise TypeError("url must be a Redis URL like 'redis://localhost:6379/0'")
+        if url is not None and not url.lower().startswith(_SCHEMES):
+            scheme = url.split("://", 1)[0] if "://" in url else "(none)"
+            raise ValueError(
+                f"url must start with redis://, rediss:// (TLS) or unix:// (a socket), got the "
+                f"scheme {scheme!r} in {redact_url(url)!r}"
+            )
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string, got {prefix!r}")
+        if not isinstance(status_prefix, str) or not status_prefix:
+            raise TypeError(f"status_prefix must be a non-empty string, got {status_prefix!r}")
         if url is not None:
             require("redis.asyncio", "redis", "RedisClaimStore")
         self._url = url
         self._timeout = check_seconds(timeout, "timeout")
         self._prefix = prefix
+        self._status_prefix = status_prefix
         self._given = client
         self._own: PerLoop[Redis] = PerLoop(self._connect, _close, _abandon)
+        self._scripts: dict[str, Any] = {}  # source → redis-py Script (called with a client)
 
-    async def claim(self, task: str, tick: int, ttl: float) -> bool:
-        """Claim ``(task, tick)`` for ``ttl`` seconds; ``True`` if this caller won it.
+    async def claim(
+        self,
+        task: str,
+        tick: int,
+        ttl: float,
+        *,
+        deadline: float | None = None,
+        if_newest: bool = False,
+    ) -> bool:
+        """Claim ``(task, tick)``; ``True`` if this caller won it.
+
+        Without ``deadline`` the claim lives ``ttl`` seconds from when the server gets it.
+        With ``deadline`` (the tick's due instant, seconds since the Unix epoch) it lives until
+        ``deadline + ttl`` on the server's clock, and a claim reaching the server at or after
+        that instant loses.
+        With ``if_newest=True`` the claim also loses if the store's run records show that a
+        worker claimed this tick or a later one of ``task``, at any time (for a catch-up run
+        of a tick missed while every worker was down: once across the fleet, even after the
+        tick's own claims expired).
 
         Raises the client's error (``redis.exceptions.ConnectionError``, ``TimeoutError``…)
         when the server cannot be reached.
         """
-        check_claim(task, tick, ttl)
-        client = self._given if self._given is not None else await self._own.get()
-        request = client.set(
-            f"{self._prefix}{task}:{tick}",
+        seconds = check_claim(task, tick, ttl, deadline)
+        client = await self._client()
+        script = self._script(client, _CLAIM)
+        args = (
             owner(),
-            nx=True,
-            px=max(1, math.ceil(ttl * 1000)),
+            max(1, math.ceil(seconds * 1000)),
+            "" if deadline is None else repr(math.floor(deadline * 1000)),
+            tick,
+            repr(time.time()),
+            task,
+            "1" if if_newest else "",
         )
-        return bool(await within(self._timeout, request))
+        keys = (f"{self._prefix}{task}:{tick}", self._status_key(task), self._status_prefix)
+        return bool(await within(self._timeout, script(keys=keys, args=args, client=client)))
+
+    async def record_run(
+        self,
+        task: str,
+        tick: int,
+        started_at: float,
+        duration: float,
+        error: BaseException | str | None = None,
+        *,
+        worker: str | None = None,
+    ) -> None:
+        """Note a finished run of ``task``: its last success (``error`` is ``None``) or its
+        last failure (``error``: the exception or its text).
+
+        ``started_at``: when it started (seconds since the Unix epoch); ``duration``: seconds
+        it took; ``worker``: who ran it (default: ``host:pid`` of the caller). A record older
+        than the one kept (by ``started_at``) does not replace it.
+        """
+        check_run(task, tick, started_at, duration)
+        text = error_text(error)
+        client = await self._client()
+        script = self._script(client, _RECORD)
+        args = (
+            "ok" if text is None else "failed",
+            tick,
+            repr(float(started_at)),
+            worker or owner(),
+            repr(float(duration)),
+            text or "",
+            task,
+        )
+        keys = (self._status_key(task), self._status_prefix)
+        await within(self._timeout, script(keys=keys, args=args, client=client))
+
+    async def status(self, task: str) -> TaskStatus:
+        """What the store remembers of ``task`` (all ``None`` for a task it never saw)."""
+        check_task_name(task)
+        client = await self._client()
+        fields = await within(self._timeout, client.hgetall(self._status_key(task)))
+        return _status(task, fields)
+
+    async def statuses(self) -> list[TaskStatus]:
+        """What the store remembers of every task, by name."""
+        client = await self._client()
+        names = sorted(
+            name.decode() if isinstance(name, bytes) else name
+            for name in await within(self._timeout, client.smembers(self._status_prefix))
+        )
+        async with client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self._status_key(name))
+            rows = await within(self._timeout, pipe.execute())
+        return [_status(name, fields) for name, fields in zip(names, rows, strict=True) if fields]
 
     async def aclose(self) -> None:
         """Close the client the store made (not a given one); a later claim makes a new one.
@@ -109,8 +266,25 @@ class RedisClaimStore:
         await self.aclose()
 
     def __repr__(self) -> str:
-        target = repr(self._url) if self._url is not None else f"client={self._given!r}"
+        # Never the password: reprs end up in logs and error pages.
+        target = repr(redact_url(self._url)) if self._url is not None else "client=…"
         return f"{type(self).__name__}({target}, prefix={self._prefix!r})"
+
+    def _status_key(self, task: str) -> str:
+        return f"{self._status_prefix}{task}"
+
+    async def _client(self) -> Redis:
+        return self._given if self._given is not None else await self._own.get()
+
+    def _script(self, client: Redis, source: str) -> Any:
+        """The script, sent by ``EVALSHA`` (redis-py loads it again into a restarted server).
+
+        Made once, with the first client; every call names its own client.
+        """
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = client.register_script(source)
+        return script
 
     async def _connect(self) -> Redis:
         from redis.asyncio import Redis
@@ -133,3 +307,34 @@ async def _close(client: Redis) -> None:
 
 def _abandon(client: Redis) -> None:  # pragma: no cover - the Redis store never discards
     pass
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _status(task: str, raw: dict[Any, Any]) -> TaskStatus:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+
+    def run(p: str) -> LastRun | None:
+        if fields.get(f"{p}_tick") is None:
+            return None
+        return LastRun(
+            int(fields[f"{p}_tick"] or 0),
+            utc(float(fields[f"{p}_at"] or 0)),
+            fields[f"{p}_by"] or "",
+            float(fields[f"{p}_duration"] or 0),
+            fields.get(f"{p}_error") or None,
+        )
+
+    claimed = fields.get("claimed_tick")
+    return TaskStatus(
+        task,
+        None
+        if claimed is None
+        else LastClaim(
+            int(claimed), utc(float(fields["claimed_at"] or 0)), fields["claimed_by"] or ""
+        ),
+        run("ok"),
+        run("failed"),
+    )

@@ -1,35 +1,48 @@
-"""One worker process of tests/test_multiprocess.py: a 0.2 s job sharing a claim store.
+"""One worker process of tests/test_multiprocess.py: a job sharing a claim store.
 
     python claim_worker.py STORE TARGET TASK OUT [--period SECONDS] [--claim-ttl SECONDS]
+        [--jitter SECONDS] [--stall SECONDS] [--deadline]
 
 STORE is sqlite, redis or postgres; TARGET the file, URL or DSN. The worker writes
 ``ready <pid>`` to OUT once its task runs, then ``run <pid> <tick>`` for every run, and stops
 gracefully on SIGTERM or SIGINT, as a ``uvicorn --workers N`` worker would.
+
+``--stall S`` blocks the worker's event loop for S seconds starting 10 ms before every tick
+(a CPU-bound request handler, a long garbage collection), so its task wakes up late.
+``--deadline`` passes each tick's wall-clock deadline to the store's claim (``deadline=``),
+as the loop will once it is wired to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
+import time
 from typing import TextIO
 
 from repeat_every import repeat_every, run_tasks
 from repeat_every.stores import PostgresClaimStore, RedisClaimStore, SQLiteClaimStore
 
 Store = SQLiteClaimStore | RedisClaimStore | PostgresClaimStore
+STALL_BEFORE = 0.01  # a stall starts this long before the tick
 
 
 class Witness:
     """A store that remembers the tick this process won last: the tick its job then runs."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, period: float | None = None) -> None:
         self.store = store
         self.won: int | None = None
+        self.period = period  # with a period: pass the tick's deadline to the store
 
     async def claim(self, task: str, tick: int, ttl: float) -> bool:
-        won = await self.store.claim(task, tick, ttl)
+        if self.period is None:
+            won = await self.store.claim(task, tick, ttl)
+        else:
+            won = await self.store.claim(task, tick, ttl, deadline=tick * self.period)
         if won:
             self.won = tick
         return won
@@ -45,14 +58,37 @@ def make_store(kind: str, target: str) -> Store:
     raise SystemExit(f"unknown store {kind!r}: sqlite, redis or postgres")
 
 
+def stall_before_every_tick(loop: asyncio.AbstractEventLoop, period: float, stall: float) -> None:
+    """Block the event loop for ``stall`` seconds from STALL_BEFORE before each tick."""
+
+    def block() -> None:
+        time.sleep(stall)
+        plan()
+
+    def plan() -> None:
+        now = time.time()
+        tick = math.floor((now + STALL_BEFORE) / period) + 1
+        loop.call_later(tick * period - STALL_BEFORE - now, block)
+
+    plan()
+
+
 async def main(
-    kind: str, target: str, task: str, out: TextIO, period: float, claim_ttl: float | None
+    kind: str,
+    target: str,
+    task: str,
+    out: TextIO,
+    period: float,
+    claim_ttl: float | None,
+    jitter: float,
+    stall: float,
+    deadline: bool,
 ) -> None:
     store = make_store(kind, target)
-    witness = Witness(store)
+    witness = Witness(store, period if deadline else None)
     pid = os.getpid()
 
-    @repeat_every(seconds=period, store=witness, name=task, claim_ttl=claim_ttl)
+    @repeat_every(seconds=period, store=witness, name=task, claim_ttl=claim_ttl, jitter=jitter)
     async def job() -> None:
         out.write(f"run {pid} {witness.won}\n")
 
@@ -61,6 +97,8 @@ async def main(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with store, run_tasks(job):
+        if stall:
+            stall_before_every_tick(loop, period, stall)
         out.write(f"ready {pid}\n")
         await stop.wait()
 
@@ -73,6 +111,21 @@ if __name__ == "__main__":
     parser.add_argument("out")
     parser.add_argument("--period", type=float, default=0.2)
     parser.add_argument("--claim-ttl", type=float, default=None)
+    parser.add_argument("--jitter", type=float, default=0.0)
+    parser.add_argument("--stall", type=float, default=0.0)
+    parser.add_argument("--deadline", action="store_true")
     args = parser.parse_args()
     with open(args.out, "a", buffering=1) as results:  # a line per write: whole lines only
-        asyncio.run(main(args.store, args.target, args.task, results, args.period, args.claim_ttl))
+        asyncio.run(
+            main(
+                args.store,
+                args.target,
+                args.task,
+                results,
+                args.period,
+                args.claim_ttl,
+                args.jitter,
+                args.stall,
+                args.deadline,
+            )
+        )

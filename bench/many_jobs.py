@@ -1,0 +1,110 @@
+"""1,000 jobs due at the same instants sharing one SQLiteClaimStore, against no store.
+
+Usage (from the repository root)::
+
+    python bench/many_jobs.py               # 1,000 jobs at 1 s, 8 ticks each
+    python bench/many_jobs.py --jobs 200 --ticks 4
+
+Each case runs in a fresh process: ``jobs`` async no-op jobs with ``seconds=1`` on the
+wall-clock grid (``align=True``), every one claiming its tick in the same store in the store
+case (one worker, so every claim is won: the winner's path, a write). A run's lateness is the
+wall clock at its start minus its tick's instant. It prints the p50 and p99 lateness and the
+CPU time of the process (every thread) per 1,000 runs, first tick left out (start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+async def _case(jobs: int, ticks: int, store_path: str | None) -> dict[str, float]:
+    from repeat_every import repeat_every, run_tasks
+    from repeat_every.stores import SQLiteClaimStore
+
+    store = SQLiteClaimStore(store_path) if store_path else None
+    late: list[float] = []
+    start_tick = math.ceil(time.time()) + 2  # the first tick measured
+    end_tick = start_tick + ticks
+
+    def make(i: int) -> object:
+        @repeat_every(seconds=1, align=True, store=store, name=f"job-{i}")
+        async def job() -> None:
+            now = time.time()
+            tick = round(now)
+            if start_tick <= tick < end_tick:
+                late.append(now - tick)
+
+        return job
+
+    tasks = [make(i) for i in range(jobs)]
+    if store is not None:
+        await store.claim("warm-up", 0, 60)
+    async with run_tasks(*tasks):  # type: ignore[arg-type]
+        await asyncio.sleep(start_tick - time.time() - 0.5)
+        cpu = time.process_time()
+        await asyncio.sleep(end_tick - time.time() - 0.5)
+        cpu = time.process_time() - cpu
+    if store is not None:
+        await store.aclose()
+    late.sort()
+    return {
+        "runs": len(late),
+        "p50_ms": statistics.median(late) * 1000,
+        "p99_ms": statistics.quantiles(late, n=100, method="inclusive")[98] * 1000,
+        "cpu_ms_per_1000": cpu / max(1, len(late)) * 1000 * 1000,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--ticks", type=int, default=8)
+    parser.add_argument("--case", choices=["store", "none"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        path = args.path if args.case == "store" else None
+        print(json.dumps(asyncio.run(_case(args.jobs, args.ticks, path))))
+        return
+    print(f"{args.jobs} jobs at 1 s, {args.ticks} ticks; lateness in ms, CPU ms per 1,000 runs")
+    print("| case | runs | lateness p50 | lateness p99 | CPU per 1,000 runs |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as folder:
+        for case in ("none", "store"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--jobs",
+                    str(args.jobs),
+                    "--ticks",
+                    str(args.ticks),
+                    "--case",
+                    case,
+                    "--path",
+                    str(Path(folder) / "claims.db"),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            name = "one SQLiteClaimStore" if case == "store" else "no store"
+            print(
+                f"| {name} | {r['runs']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+                f"| {r['cpu_ms_per_1000']:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

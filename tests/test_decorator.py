@@ -85,8 +85,21 @@ def test_logger_that_is_not_a_logger_says_use_getlogger(logger: object) -> None:
         _decorate(logger=logger)
 
 
-def test_logger_adapter_is_accepted() -> None:
-    _decorate(logger=logging.LoggerAdapter(logging.getLogger("x"), {}))
+async def test_logger_adapter_is_accepted_and_receives_the_failures(
+    fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter = logging.LoggerAdapter(logging.getLogger("tests.adapter"), {"job": "tokens"})
+
+    @repeat_every(seconds=1, logger=adapter, max_repetitions=1)
+    async def job() -> None:
+        raise OSError("down")
+
+    handle = job()
+    await fake_clock.advance(0)
+    await handle.wait()
+    assert [(r.name, r.levelname) for r in caplog.records if "run 0 failed" in r.message] == [
+        ("tests.adapter", "ERROR")
+    ]
 
 
 @pytest.mark.parametrize("value", [1, 0, "yes", None])
@@ -136,12 +149,36 @@ def test_hook_that_is_not_callable_is_refused(argument: str) -> None:
         _decorate(**{argument: "log it"})
 
 
-def test_hooks_with_flexible_signatures_and_builtins_are_accepted() -> None:
-    async def on_exception(*args: object) -> None:
-        pass
+async def test_hooks_with_flexible_signatures_and_builtins_are_accepted_and_called(
+    fake_clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[object, ...]] = []
 
-    _decorate(on_complete=lambda *args: None, on_exception=on_exception)
-    _decorate(on_exception=print, on_complete=dict)
+    async def on_exception(*args: object) -> None:
+        calls.append(("on_exception", *args))
+
+    error = OSError("down")
+
+    async def failing() -> None:
+        raise error
+
+    flexible = repeat_every(
+        seconds=1,
+        max_repetitions=1,
+        on_complete=lambda *args: calls.append(("on_complete", *args)),
+        on_exception=on_exception,
+        name="flexible",
+    )(failing)
+    builtins = repeat_every(
+        seconds=1, max_repetitions=1, on_exception=print, on_complete=dict, name="builtins"
+    )(failing)
+    handles = [flexible(), builtins()]
+    await fake_clock.advance(0)
+    for handle in handles:
+        await handle.wait()  # a hook that raised would end the loop with its exception here
+    assert calls == [("on_exception", error), ("on_complete",)]
+    assert [h.failures for h in handles] == [1, 1]
+    assert capsys.readouterr().out == "down\n"
 
 
 @pytest.mark.parametrize(
@@ -462,7 +499,7 @@ async def test_decoration_does_not_start_anything() -> None:
 
 
 def test_period_below_one_nanosecond_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"seconds must be at least one nanosecond"):
+    with pytest.raises(ValueError, match=r"seconds must be at least 0\.001 s"):
         _decorate(seconds=1e-10)
 
 

@@ -231,7 +231,8 @@ class Runner:
                 self.next = tick
                 # Wait until the tick is due, re-checking: early wake-ups and clock jumps.
                 while (remaining := plan.remaining(tick, t)) > 0:
-                    await self._pause(remaining, sleep)
+                    await self._asleep(remaining, sleep)
+                    self.sleeping = False
                     t = now()
                 # Claim (with a store), after the jitter, so peers claim as far apart as they
                 # start; a worker that woke too late for its tick skips it.
@@ -241,7 +242,8 @@ class Runner:
                         tick = current
                         continue
                 if jitter:
-                    await self._pause(int(self._rng().random() * jitter), sleep)
+                    await self._asleep(int(self._rng().random() * jitter), sleep)
+                    self.sleeping = False
                     t = now()
                 if store is not None:
                     won = await self._claim(tick, ttl)
@@ -293,6 +295,9 @@ class Runner:
                     self._skipped_ticks(skipped, t)
         except _Stopped:
             pass
+        except asyncio.CancelledError:
+            if not self._interrupted_by_stop():
+                raise  # a real cancellation (cancel(), or the event loop shutting down)
         except _LoopEnd as end:
             self.next = None
             self._end_with(end.error)
@@ -308,25 +313,27 @@ class Runner:
 
     # -- wait ----------------------------------------------------------------------------------
 
-    async def _pause(self, ns: int, sleep: SleepFunc) -> None:
-        """Sleep ``ns`` on the task's clock; :meth:`stop` interrupts it (raises _Stopped).
+    def _asleep(self, ns: int, sleep: SleepFunc) -> Awaitable[Any]:
+        """The one interruptible wait: the tick's, the jitter's and the backoff's.
 
-        The one interruptible wait of the loop: the tick's, the jitter's and the backoff's.
+        Returns ``sleep(ns)`` to await; the caller clears ``sleeping`` once it returns. While
+        ``sleeping``, :meth:`stop` cancels the task; the caller's ``except CancelledError``
+        asks :meth:`_interrupted_by_stop` whether that is what happened. (A sync function
+        and not a coroutine: the tick's wait is on the hot path of every task.)
         """
         if self.stop_requested:
             raise _Stopped
         self.sleeping = True
-        try:
-            await sleep(ns / NS)
-        except asyncio.CancelledError:
-            if not self.interrupting or self.cancel_requested:
-                raise  # a real cancellation (cancel(), or the event loop shutting down)
-            self.interrupting = False  # stop() cancelled this wait: undo its cancellation
-            if sys.version_info >= (3, 11):
-                self.task.uncancel()
-            raise _Stopped from None
-        finally:
-            self.sleeping = False
+        return sleep(ns / NS)
+
+    def _interrupted_by_stop(self) -> bool:
+        """In ``except CancelledError``: whether stop() cancelled a wait (then undone)."""
+        if not self.sleeping or not self.interrupting or self.cancel_requested:
+            return False
+        self.sleeping = self.interrupting = False
+        if sys.version_info >= (3, 11):
+            self.task.uncancel()
+        return True
 
     def _stopping(self) -> bool:
         # A method, not the attribute: stop() may set it while the loop awaits (mypy narrows).
@@ -520,11 +527,12 @@ class Runner:
             exc_info=error,
         )
         try:
-            await self._pause(delay, self._sleep)
-        except _Stopped:
-            # Stopped during the backoff: the run failed; the loop ends after it.
-            self.stop_requested = True
-            return False
+            await self._asleep(delay, self._sleep)
+        except asyncio.CancelledError:
+            if not self._interrupted_by_stop():
+                raise
+            return False  # stopped during the backoff: the run failed; the loop ends after it
+        self.sleeping = False
         return True
 
     # -- record and report ---------------------------------------------------------------------

@@ -129,9 +129,6 @@ class SystemClock:
     def wall(self) -> float:
         return time.time()
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(clock={self._clock!r}, sleep={self._sleep!r})"
-
 
 SystemTimebase = SystemClock
 """The former name of :class:`SystemClock`."""

@@ -486,6 +486,59 @@ def test_decorated_function_keeps_its_name_and_doc() -> None:
     assert repeat_every(seconds=1, name="tokens")(remove_expired_tokens).name == "tokens"
 
 
+async def test_call_runs_the_body_once_and_returns_what_it_returned(
+    fake_clock: FakeClock,
+) -> None:
+    threads: list[str] = []
+
+    @repeat_every(seconds=60)
+    async def count_async() -> int:
+        threads.append(threading.current_thread().name)
+        return 3
+
+    @repeat_every(seconds=60)
+    def count_sync() -> str:
+        threads.append(threading.current_thread().name)
+        return "three"
+
+    assert await count_async.call() == 3
+    assert await count_sync.call() == "three"
+    here = threading.current_thread().name
+    assert threads[0] == here  # an async def on the loop…
+    assert threads[1] != here  # …a def in a worker thread, as the loop calls them
+    assert count_async.handle is None  # nothing was started
+    assert len(fake_clock.history) == 0  # and nothing was recorded
+
+
+def test_reprs_say_the_schedule() -> None:
+    assert repr(repeat_every(seconds=10)) == "<repeat_every decorator every 10 s (fixed rate)>"
+    delayed = repeat_every(seconds=10, fixed_delay=True)(_noop)
+    assert repr(delayed).endswith("every 10 s after the previous run ended (fixed delay)>")
+    aligned = repeat_every(seconds=60, align=True)(_noop)
+    assert repr(aligned).endswith("every 60 s, aligned to the wall clock>")
+    assert [delayed.schedule.keyed, aligned.schedule.keyed] == [False, True]
+    assert repeat_every(seconds=10)(_noop).schedule.keyed is False
+
+
+def test_fixed_delay_jitter_must_be_shorter_than_the_period() -> None:
+    with pytest.raises(ValueError, match=r"jitter must be shorter than the period \(10 s\)"):
+        _decorate(seconds=10, fixed_delay=True, jitter=10)
+
+
+def test_builtin_without_a_signature_is_accepted_as_a_job() -> None:
+    task = repeat_every(seconds=1)(dict)
+    assert task.name == "builtins.dict"
+
+
+def test_options_refuse_a_store_on_a_process_local_grid() -> None:
+    # repeat_every aligns the grid whenever there is a store; the options hold the rule too.
+    from repeat_every._options import TaskOptions
+    from repeat_every._schedule import FixedRate
+
+    with pytest.raises(ValueError, match=r"store needs ticks every process agrees on"):
+        TaskOptions(FixedRate(10**9), store=_Store())
+
+
 async def test_decoration_does_not_start_anything() -> None:
     calls: list[int] = []
 

@@ -510,6 +510,23 @@ async def test_call_runs_the_body_once_and_returns_what_it_returned(
     assert len(fake_clock.history) == 0  # and nothing was recorded
 
 
+async def test_def_job_that_returns_an_awaitable_has_it_awaited(fake_clock: FakeClock) -> None:
+    done: list[str] = []
+
+    async def finish() -> None:
+        done.append(threading.current_thread().name)
+
+    @repeat_every(seconds=60, max_repetitions=1)
+    def job() -> Any:
+        return finish()  # made in the worker thread, awaited on the loop
+
+    handle = job()
+    await fake_clock.advance(0)
+    await handle.wait()
+    assert done == [threading.current_thread().name]
+    assert handle.failures == 0
+
+
 def test_reprs_say_the_schedule() -> None:
     assert repr(repeat_every(seconds=10)) == "<repeat_every decorator every 10 s (fixed rate)>"
     delayed = repeat_every(seconds=10, fixed_delay=True)(_noop)

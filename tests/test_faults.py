@@ -232,6 +232,43 @@ def test_handle_of_a_closed_event_loop_has_ended_and_stop_does_nothing() -> None
     assert reported == ["Task was destroyed but it is pending!"]
 
 
+def test_stop_from_a_thread_while_the_event_loop_closes_does_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    task = repeat_every(seconds=60, name="closing-loop-job")(_noop)
+    loop = asyncio.new_event_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda loop, context: reported.append(context["message"]))
+
+    async def start() -> Any:
+        handle = task()
+        await asyncio.sleep(0)
+        return handle
+
+    handle = loop.run_until_complete(start())
+    assert repr(handle) == "<TaskHandle closing-loop-job running runs=1 failures=0>"
+    closing = loop.call_soon_threadsafe
+
+    def close_first(*args: Any) -> Any:  # the fault: the loop closes between check and call
+        loop.close()
+        return closing(*args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", close_first)
+    handle.stop()  # from outside the loop (no loop runs here): hands over, finds it closed
+    assert handle.done
+    assert handle not in running_handles()
+    assert repr(handle) == "<TaskHandle closing-loop-job ended runs=1 failures=0>"
+    monkeypatch.undo()
+
+    async def start_again() -> None:
+        await task().aclose()  # replaces the task's last handle, so the old one can go
+
+    asyncio.run(start_again())
+    del handle
+    gc.collect()
+    assert reported == ["Task was destroyed but it is pending!"]
+
+
 # -- trio ---------------------------------------------------------------------------------------
 
 

@@ -121,6 +121,11 @@ async def test_run_tasks_cancelled_during_shutdown_cancels_the_run_it_waited_for
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
+async def test_run_tasks_of_no_task_is_an_empty_block() -> None:
+    async with run_tasks() as handles:
+        assert handles == ()
+
+
 async def test_run_tasks_refuses_what_is_not_a_task() -> None:
     async def job() -> None:
         pass

@@ -92,7 +92,11 @@ class Runner:
     )
 
     def __init__(
-        self, periodic: PeriodicTask[Any], clock: Clock, loop: asyncio.AbstractEventLoop
+        self,
+        periodic: PeriodicTask[Any],
+        clock: Clock,
+        loop: asyncio.AbstractEventLoop,
+        on_done: Callable[[asyncio.Task[None]], object],
     ) -> None:
         self.periodic = periodic
         self.opts: TaskOptions = periodic._options
@@ -120,6 +124,7 @@ class Runner:
         self.task: asyncio.Task[None] = loop.create_task(
             self._main(), name=f"repeat_every:{periodic.name}"
         )
+        self.task.add_done_callback(on_done)
         if self.observer is not None:
             self.observer.task_started(self.task)
 

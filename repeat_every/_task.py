@@ -165,9 +165,8 @@ class TaskHandle:
     __slots__ = ("__weakref__", "_runner")
 
     def __init__(self, task: PeriodicTask[Any], clock: Clock, loop: asyncio.AbstractEventLoop):
-        self._runner = runner = Runner(task, clock, loop)
+        self._runner = Runner(task, clock, loop, self._ended)
         _RUNNING.add(self)
-        runner.task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         _RUNNING.discard(self)

@@ -343,13 +343,16 @@ async def test_a_sync_run_past_its_timeout_is_reported_and_the_next_run_waits_fo
     await handle.wait()
     assert len(spans) == 2
     assert spans[0][1] <= spans[1][0]  # no overlap
-    assert (handle.runs, handle.failures) == (2, 1)
+    assert handle.runs == 2
     assert isinstance(handle.last_exception, RunTimeoutError)
     errors = messages(caplog, logging.ERROR)
-    assert errors[1:] == [
+    # Run 1 returns at once, but on a loaded machine its thread hop alone may take 10 ms and
+    # time it out too: only run 0's lines are pinned.
+    assert errors[1:3] == [
         "blocking: the timed-out run later raised",
         "blocking: run 0 failed: RunTimeoutError('blocking: run exceeded its timeout of 0.01 s')",
     ]
+    assert handle.failures == 1 + any(e.startswith("blocking: run 1 failed") for e in errors)
 
 
 # -- jitter -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import gc
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -284,7 +285,14 @@ def test_start_under_trio_names_trio_and_the_supported_loops() -> None:
         anyio.run(main, backend="trio")
 
 
-def test_start_outside_any_event_loop_says_to_call_it_from_async_code() -> None:
+@pytest.mark.parametrize("trio_imported", [True, False])
+def test_start_outside_any_event_loop_says_to_call_it_from_async_code(
+    trio_imported: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if trio_imported:
+        pytest.importorskip("trio")  # imported, but not running: not a trio problem
+    else:
+        monkeypatch.delitem(sys.modules, "trio", raising=False)
     task = repeat_every(seconds=60)(_noop)
     with pytest.raises(RuntimeError, match=r"starts on a running event loop"):
         task()

@@ -14,7 +14,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._claims import ClaimStore, StoreErrorPolicy
 from ._durations import NS, Seconds, duration_ns
@@ -23,7 +23,8 @@ from ._schedule import Schedule
 from ._timebase import Clock, ClockFunc, SleepFunc, SystemClock
 
 Hook = Callable[..., Any]
-Logger = logging.Logger | logging.LoggerAdapter[Any]
+if TYPE_CHECKING:  # LoggerAdapter is generic only from Python 3.11 on
+    Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 @dataclass(frozen=True)

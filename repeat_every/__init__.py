@@ -12,7 +12,7 @@ database driver): integrations import their dependencies when they are used.
 
 from ._claims import ClaimStore as ClaimStore
 from ._claims import StoreErrorPolicy as StoreErrorPolicy
-from ._cron import repeat_at as repeat_at
+from ._decorator import repeat_at as repeat_at
 from ._decorator import repeat_every as repeat_every
 from ._lifespan import lifespan as lifespan
 from ._lifespan import run_tasks as run_tasks

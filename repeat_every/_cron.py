@@ -1,4 +1,4 @@
-"""``@repeat_at(cron=..., tz=...)``: runs at the times of a cron expression, in a time zone.
+"""The cron schedule behind ``@repeat_at(cron=..., tz=...)``: fire times in a time zone.
 
 Parsing and evaluating the expression is cronsim's job (https://github.com/cuu508/cronsim;
 docs/cron.md says why cronsim and not croniter). It is imported when a cron schedule is
@@ -12,22 +12,14 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
-from ._claims import ClaimStore, StoreErrorPolicy
-from ._decorator import Seconds, decorator_for
-from ._policy import Retry, seconds_of
 from ._schedule import _TOLERANCE_NS, NS, Plan, Tick, wall_ns
-from ._task import PeriodicTask
-from ._timebase import ClockFunc, SleepFunc
 
 if TYPE_CHECKING:
-    from ._timebase import Timebase
-
-R = TypeVar("R")
+    from ._timebase import Clock as Timebase
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _SECOND = dt.timedelta(seconds=1)
@@ -50,7 +42,7 @@ _FIELDS = "minute hour day-of-month month day-of-week"
 # many the count stops, so a clock that leaps a year ahead cannot stall the event loop.
 _MAX_COUNTED_SKIPS = 10_000
 
-# How many fire times the jitter check looks at (see _check_jitter).
+# How many fire times the jitter check looks at (see Cron.jitter_limit).
 _JITTER_SAMPLE = 64
 
 
@@ -113,6 +105,18 @@ class Cron:
         """For example ``cron '0 9 * * MON-FRI' in Europe/Paris``."""
         return f"cron {self.expression!r} in {_zone_name(self.tz)}"
 
+    def jitter_limit(self) -> tuple[int, str]:
+        """The shortest gap between two fire times: a longer jitter would skip ticks.
+
+        The gaps are measured over the first fire times after a fixed date, so the check does
+        not depend on when the program starts; a schedule whose gaps vary more than that
+        sample shows is still safe at run time: a jittered run that lands past the next fire
+        time makes that fire time count as skipped, logged, like an overrun.
+        """
+        keys = itertools.islice(self._fire_times(_REFERENCE), _JITTER_SAMPLE)
+        gap = min(b - a for a, b in itertools.pairwise(sorted(set(keys))))
+        return gap * NS, f"the shortest gap between two fire times of {self.describe()}"
+
     def next_after(self, when: dt.datetime) -> dt.datetime:
         """The first fire time strictly after ``when`` (naive means UTC), in `tz`.
 
@@ -164,6 +168,8 @@ class _CronPlan:
     """The ticks of one loop. Keeps no state but its time source: every answer starts from
     the wall clock as it reads now, which is how clock steps and DST are followed."""
 
+    __slots__ = ("_cron", "_timebase")
+
     def __init__(self, cron: Cron, timebase: Timebase) -> None:
         self._cron = cron
         self._timebase = timebase
@@ -198,84 +204,6 @@ class _CronPlan:
         assert tick.key is not None
         late = self._wall() - tick.key * NS
         return 0 if late >= -_TOLERANCE_NS else -late
-
-
-def repeat_at(
-    _func: object = None,
-    /,
-    *,
-    cron: str | None = None,
-    tz: str | dt.tzinfo = "UTC",
-    logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-    raise_exceptions: bool = False,
-    max_repetitions: int | None = None,
-    on_complete: Callable[[], Any] | None = None,
-    on_exception: Callable[[BaseException], Any] | None = None,
-    clock: ClockFunc | None = None,
-    sleep: SleepFunc | None = None,
-    name: str | None = None,
-    timeout: Seconds | None = None,
-    retry: Retry | None = None,
-    jitter: Seconds = 0,
-    seed: int | None = None,
-    store: ClaimStore | None = None,
-    on_store_error: StoreErrorPolicy = "skip",
-    claim_ttl: Seconds | None = None,
-) -> Callable[[Callable[[], R]], PeriodicTask[R]]:
-    """Turn a no-argument ``def`` or ``async def`` into a job that runs at cron times.
-
-    ``@repeat_at(cron="0 9 * * MON-FRI", tz="Europe/Paris")`` runs at 09:00 Paris time on
-    weekdays, summer and winter. Calling the result starts its loop and returns a
-    [`TaskHandle`][], exactly as with [`repeat_every`][].
-
-    - ``cron``: five fields, ``minute hour day-of-month month day-of-week``, or a macro such
-      as ``"@daily"``; see the cron guide of the docs for the syntax and DST changes.
-    - ``tz``: the zone the fields are read in: an IANA name (``"Europe/Paris"``) or a
-      ``datetime.tzinfo`` (``zoneinfo.ZoneInfo``, ``datetime.timezone.utc``; a pytz zone is
-      replaced by the ``ZoneInfo`` of the same name). The default is ``"UTC"``: the same on
-      every machine and container, whatever their local zone, and free of DST.
-    - ``jitter``: each run starts a random ``[0, jitter)`` seconds after its fire time; it
-      must be shorter than the shortest gap between two fire times.
-    - ``logger``, ``raise_exceptions``, ``max_repetitions``, ``on_complete``,
-      ``on_exception``, ``clock``, ``sleep``, ``name``, ``timeout``, ``retry``, ``seed``,
-      ``store``, ``on_store_error``, ``claim_ttl``: as for [`repeat_every`][]. A retry never
-      runs past the next fire time.
-
-    There is no ``seconds``, ``wait_first``, ``fixed_delay`` or ``align``: the expression
-    says when to run. A wrong argument raises ``TypeError``/``ValueError`` here, naming it.
-    """
-    if _func is not None:
-        raise TypeError(
-            "repeat_at must be called with its arguments: write "
-            '@repeat_at(cron="0 9 * * *"), not @repeat_at'
-        )
-    if cron is None:
-        raise TypeError(
-            'repeat_at needs a cron expression: write @repeat_at(cron="0 9 * * MON-FRI", '
-            'tz="Europe/Paris")'
-        )
-    schedule = Cron(cron, zone_of(tz))
-    jitter_seconds = seconds_of(jitter, "jitter", allow_zero=True)
-    if jitter_seconds:
-        _check_jitter(schedule, jitter_seconds)
-    return decorator_for(
-        schedule,
-        logger=logger,
-        raise_exceptions=raise_exceptions,
-        max_repetitions=max_repetitions,
-        on_complete=on_complete,
-        on_exception=on_exception,
-        clock=clock,
-        sleep=sleep,
-        name=name,
-        timeout=timeout,
-        retry=retry,
-        jitter=jitter_seconds,
-        seed=seed,
-        store=store,
-        on_store_error=on_store_error,
-        claim_ttl=claim_ttl,
-    )
 
 
 def _check_expression(expression: object) -> str:
@@ -351,20 +279,3 @@ def zone_of(tz: object) -> dt.tzinfo:
 def _zone_name(tz: dt.tzinfo) -> str:
     key = getattr(tz, "key", None)  # zoneinfo.ZoneInfo
     return key if isinstance(key, str) else str(tz)
-
-
-def _check_jitter(schedule: Cron, jitter: float) -> None:
-    """Refuse a jitter as long as the gap between two fire times (a run would skip ticks).
-
-    The gaps are measured over the first fire times after a fixed date, so the check does
-    not depend on when the program starts; a schedule whose gaps vary more than that sample
-    shows is still safe at run time: a jittered run that lands past the next fire time makes
-    that fire time count as skipped, logged, like an overrun.
-    """
-    keys = itertools.islice(schedule._fire_times(_REFERENCE), _JITTER_SAMPLE)
-    gap = min(b - a for a, b in itertools.pairwise(sorted(set(keys))))
-    if jitter >= gap:
-        raise ValueError(
-            f"jitter must be shorter than the shortest gap between two fire times of "
-            f"{schedule.describe()} ({gap:g} s), got {jitter:g} s"
-        )

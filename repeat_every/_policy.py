@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import random
 from dataclasses import dataclass, field
+
+from ._durations import duration_ns
 
 
 class RunTimeoutError(TimeoutError):
@@ -16,23 +17,6 @@ class RunTimeoutError(TimeoutError):
     the deadline, and the task waits for the thread to return before its next run, so runs
     still never overlap.
     """
-
-
-def seconds_of(value: object, argument: str, *, allow_zero: bool = False) -> float:
-    """``value`` as finite seconds, or a ``TypeError``/``ValueError`` naming ``argument``."""
-    if isinstance(value, dt.timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(
-            f"{argument} must be a number of seconds or a datetime.timedelta, "
-            f"not {type(value).__name__} ({value!r})"
-        )
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = "≥ 0" if allow_zero else "> 0"
-        raise ValueError(f"{argument} must be finite and {bound}, got {value!r}")
-    return seconds
 
 
 @dataclass(frozen=True)
@@ -72,14 +56,18 @@ class Retry:
             raise ValueError(
                 f"Retry(attempts=...) must be an int ≥ 1 (1 means no retry), got {self.attempts!r}"
             )
-        seconds_of(self.backoff, "Retry(backoff=...)", allow_zero=True)
-        seconds_of(self.max_backoff, "Retry(max_backoff=...)", allow_zero=True)
-        seconds_of(self.jitter, "Retry(jitter=...)", allow_zero=True)
+        for value, argument in (
+            (self.backoff, "backoff"),
+            (self.max_backoff, "max_backoff"),
+            (self.jitter, "jitter"),
+        ):
+            duration_ns(value, f"Retry({argument}=...)", allow_zero=True, at_least_ns=0)
+        multiplier = self.multiplier
         if (
-            not isinstance(self.multiplier, (int, float))
-            or isinstance(self.multiplier, bool)
-            or not math.isfinite(self.multiplier)
-            or self.multiplier < 1
+            not isinstance(multiplier, (int, float))
+            or isinstance(multiplier, bool)
+            or multiplier < 1
+            or (isinstance(multiplier, float) and not math.isfinite(multiplier))
         ):
             raise ValueError(f"Retry(multiplier=...) must be a number ≥ 1, got {self.multiplier!r}")
         on = self.on if isinstance(self.on, tuple) else (self.on,)
@@ -90,10 +78,14 @@ class Retry:
         object.__setattr__(self, "on", on)
 
     def _base(self, failed_attempt: int) -> float:
-        return min(
-            float(self.backoff) * float(self.multiplier) ** (failed_attempt - 1),
-            float(self.max_backoff),
-        )
+        cap = float(self.max_backoff)
+        try:
+            grown = float(self.multiplier) ** (failed_attempt - 1) if failed_attempt > 1 else 1.0
+        except OverflowError:  # 2.0 ** 1024, or a multiplier past float: far past any cap
+            return cap if self.backoff else 0.0
+        # backoff × inf is inf (or nan for a zero backoff): min() caps the first, this the second.
+        delay = float(self.backoff) * grown if self.backoff else 0.0
+        return min(delay, cap)
 
     def delay(self, failed_attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""

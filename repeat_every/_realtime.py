@@ -3,7 +3,7 @@
 ``repeat_every.testing.FakeClock`` makes time inside a periodic task's runs virtual by setting
 this context variable in the task's context (every task and thread it spawns inherits it).
 The library's own machinery that talks to real servers (a claim store's request and its
-timeout) leaves the scope with :func:`real_time`, so a network timeout is never fired early by
+timeout) leaves the scope with `real_time`, so a network timeout is never fired early by
 a test's ``advance``. Users may do the same around real I/O in a job under test.
 """
 

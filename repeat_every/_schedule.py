@@ -11,19 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-if TYPE_CHECKING:
-    from ._timebase import Timebase
+from ._durations import NS as NS
+from ._durations import to_ns as to_ns
 
-NS = 1_000_000_000
+if TYPE_CHECKING:
+    from ._timebase import Clock as Timebase
 
 # How far before a deadline a wake-up still counts as on time. Clocks read as float seconds
 # lose a few nanoseconds on the way back to integers; a microsecond absorbs that.
 _TOLERANCE_NS = 1_000
-
-
-def to_ns(seconds: float) -> int:
-    """Seconds (float) to integer nanoseconds, rounded to the nearest."""
-    return round(seconds * NS)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -89,6 +85,9 @@ class Schedule(Protocol):
     def describe(self) -> str:
         """A short human description (used in logs and errors)."""
 
+    def jitter_limit(self) -> tuple[int, str]:
+        """Nanoseconds a jitter must stay below, and what that bound is (for the error)."""
+
 
 @dataclass(frozen=True)
 class FixedRate:
@@ -111,8 +110,13 @@ class FixedRate:
     def describe(self) -> str:
         return f"every {self.period / NS:g} s (fixed rate)"
 
+    def jitter_limit(self) -> tuple[int, str]:
+        return self.period, "the period"
+
 
 class _FixedRatePlan:
+    __slots__ = ("_first_delay", "_origin", "_period", "_tolerance")
+
     def __init__(self, period: int, first_delay: int) -> None:
         self._period = period
         self._first_delay = first_delay
@@ -158,8 +162,13 @@ class FixedDelay:
     def describe(self) -> str:
         return f"every {self.period / NS:g} s after the previous run ended (fixed delay)"
 
+    def jitter_limit(self) -> tuple[int, str]:
+        return self.period, "the period"
+
 
 class _FixedDelayPlan:
+    __slots__ = ("_first_delay", "_period", "_tolerance")
+
     def __init__(self, period: int, first_delay: int) -> None:
         self._period = period
         self._first_delay = first_delay
@@ -201,8 +210,13 @@ class AlignedRate:
     def describe(self) -> str:
         return f"every {self.period / NS:g} s, aligned to the wall clock"
 
+    def jitter_limit(self) -> tuple[int, str]:
+        return self.period, "the period"
+
 
 class _AlignedPlan:
+    __slots__ = ("_offset", "_period", "_timebase", "_tolerance")
+
     def __init__(self, period: int, offset: int, timebase: Timebase) -> None:
         self._period = period
         self._offset = offset

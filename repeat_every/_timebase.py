@@ -1,14 +1,18 @@
-"""Where a periodic task reads the time and how it waits.
+"""Where a periodic task reads the time and how it waits, and who may watch it run.
 
-A task never calls ``time.monotonic`` or ``asyncio.sleep`` directly: it asks its
-`Timebase`. In production that is `SystemTimebase`; a test installs a
-``repeat_every.testing.FakeClock`` as the process-wide default, and every task *started* while
-it is installed steps in virtual time. Decoration happens at import time, long before a test
+Two small roles, kept apart:
+
+- A `Clock` answers the time and waits: monotonic time, wall time and a sleep. A task
+  never calls ``time.monotonic`` or ``asyncio.sleep`` directly: it asks its clock. In
+  production that is `SystemClock`.
+- A `TaskObserver` is told what a task is doing (it started, it delegated work to a
+  child, it waits only on that work, an attempt ended) so that it can know when every task has
+  finished its run and is asleep again. Only test clocks observe: production code answers no
+  hook. ``repeat_every.testing.FakeClock`` is both a clock and an observer.
+
+A test installs a ``FakeClock`` as the process-wide default, and every task *started* while it
+is installed steps in virtual time. Decoration happens at import time, long before a test
 runs, so the default is read when a task starts, never when it is decorated.
-
-Besides the three time functions a timebase receives a few notifications (a task started, a
-child activity began, a run finished). The system timebase ignores them; the fake clock uses
-them to know when every task has finished its run and is asleep again.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 if TYPE_CHECKING:
     from ._records import RunRecord
@@ -29,8 +33,8 @@ SleepFunc = Callable[[float], Awaitable[Any]]
 """Waits that many seconds, like `asyncio.sleep`."""
 
 
-class Timebase(Protocol):
-    """The time source of running tasks (see the module docstring)."""
+class Clock(Protocol):
+    """The time source of running tasks: three readings, a sleep, and a fast path to them."""
 
     def monotonic(self) -> float:
         """Monotonic seconds; only differences between two readings mean anything."""
@@ -44,12 +48,24 @@ class Timebase(Protocol):
     def hot_path(self) -> tuple[Callable[[], int], SleepFunc]:
         """`monotonic_ns` and `sleep` for the calling task's loop, at least cost.
 
-        Called once, inside the task's loop; the loop then reads the clock and sleeps through
-        the two functions returned, once or twice per run.
+        Called exactly once by each task's loop, inside the task, before its first sleep; the
+        loop then reads the clock and sleeps through the two functions returned.
         """
 
     def wall(self) -> float:
         """Wall-clock seconds since the Unix epoch, like `time.time`."""
+
+
+Timebase = Clock
+"""The former name of `Clock`."""
+
+
+@runtime_checkable
+class TaskObserver(Protocol):
+    """What a test clock is told about the tasks that use it (production clocks are not).
+
+    A task whose clock is also an observer calls these hooks; it looks once, at start.
+    """
 
     def task_started(self, task: asyncio.Task[Any]) -> None:
         """A periodic task's loop was created (before its first step)."""
@@ -71,12 +87,30 @@ class Timebase(Protocol):
         """An attempt of a run ended (only called when `wants_records`)."""
 
 
-class SystemTimebase:
+def observer_of(clock: Clock) -> TaskObserver | None:
+    """``clock`` as a `TaskObserver` if it is one (a test clock), else ``None``.
+
+    Asked at every start; the answer is kept per class, since ``isinstance`` against a
+    runtime protocol costs tens of microseconds (it was most of a task's start-up).
+    """
+    kind = type(clock)
+    observes = _OBSERVES.get(kind)
+    if observes is None:
+        observes = _OBSERVES[kind] = isinstance(clock, TaskObserver)
+    return cast(TaskObserver, clock) if observes else None
+
+
+_OBSERVES: dict[type, bool] = {}
+
+
+class SystemClock:
     """Real time: `time.monotonic`, `asyncio.sleep` and `time.time`.
 
-    Notifications are ignored. The time functions are looked up at each call, so freezegun
-    and time-machine move the wall clock that cron schedules read.
+    The time functions are looked up at each call, so freezegun and time-machine move the wall
+    clock that cron schedules read. An injected ``clock`` or ``sleep`` replaces its half.
     """
+
+    __slots__ = ("_clock", "_sleep")
 
     def __init__(self, clock: ClockFunc | None = None, sleep: SleepFunc | None = None) -> None:
         self._clock = clock  # None: time.monotonic, looked up at each call
@@ -106,40 +140,21 @@ class SystemTimebase:
     def wall(self) -> float:
         return time.time()
 
-    def task_started(self, task: asyncio.Task[Any]) -> None:
-        pass
 
-    def track(self, activity: asyncio.Future[Any]) -> None:
-        pass
+SystemTimebase = SystemClock
+"""The former name of `SystemClock`."""
 
-    def waiting(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    async def join(self, task: asyncio.Task[Any]) -> None:
-        await asyncio.wait((task,))
-
-    @property
-    def wants_records(self) -> bool:
-        return False
-
-    def run_finished(self, record: RunRecord) -> None:  # pragma: no cover - never called
-        pass
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(clock={self._clock!r}, sleep={self._sleep!r})"
+_SYSTEM = SystemClock()
+_default_stack: list[Clock] = [_SYSTEM]
 
 
-_SYSTEM = SystemTimebase()
-_default_stack: list[Timebase] = [_SYSTEM]
-
-
-def default_timebase() -> Timebase:
-    """The timebase a task uses when it starts without its own ``clock``/``sleep``."""
+def default_timebase() -> Clock:
+    """The clock a task uses when it starts without its own ``clock``/``sleep``."""
     return _default_stack[-1]
 
 
 @contextlib.contextmanager
-def installed(timebase: Timebase) -> Iterator[Timebase]:
+def installed(timebase: Clock) -> Iterator[Clock]:
     """Make ``timebase`` the process-wide default while the block runs (nests)."""
     _default_stack.append(timebase)
     try:

@@ -85,8 +85,21 @@ def test_logger_that_is_not_a_logger_says_use_getlogger(logger: object) -> None:
         _decorate(logger=logger)
 
 
-def test_logger_adapter_is_accepted() -> None:
-    _decorate(logger=logging.LoggerAdapter(logging.getLogger("x"), {}))
+async def test_logger_adapter_is_accepted_and_receives_the_failures(
+    fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    adapter = logging.LoggerAdapter(logging.getLogger("tests.adapter"), {"job": "tokens"})
+
+    @repeat_every(seconds=1, logger=adapter, max_repetitions=1)
+    async def job() -> None:
+        raise OSError("down")
+
+    handle = job()
+    await fake_clock.advance(0)
+    await handle.wait()
+    assert [(r.name, r.levelname) for r in caplog.records if "run 0 failed" in r.message] == [
+        ("tests.adapter", "ERROR")
+    ]
 
 
 @pytest.mark.parametrize("value", [1, 0, "yes", None])
@@ -136,12 +149,36 @@ def test_hook_that_is_not_callable_is_refused(argument: str) -> None:
         _decorate(**{argument: "log it"})
 
 
-def test_hooks_with_flexible_signatures_and_builtins_are_accepted() -> None:
-    async def on_exception(*args: object) -> None:
-        pass
+async def test_hooks_with_flexible_signatures_and_builtins_are_accepted_and_called(
+    fake_clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[object, ...]] = []
 
-    _decorate(on_complete=lambda *args: None, on_exception=on_exception)
-    _decorate(on_exception=print, on_complete=dict)
+    async def on_exception(*args: object) -> None:
+        calls.append(("on_exception", *args))
+
+    error = OSError("down")
+
+    async def failing() -> None:
+        raise error
+
+    flexible = repeat_every(
+        seconds=1,
+        max_repetitions=1,
+        on_complete=lambda *args: calls.append(("on_complete", *args)),
+        on_exception=on_exception,
+        name="flexible",
+    )(failing)
+    builtins = repeat_every(
+        seconds=1, max_repetitions=1, on_exception=print, on_complete=dict, name="builtins"
+    )(failing)
+    handles = [flexible(), builtins()]
+    await fake_clock.advance(0)
+    for handle in handles:
+        await handle.wait()  # a hook that raised would end the loop with its exception here
+    assert calls == [("on_exception", error), ("on_complete",)]
+    assert [h.failures for h in handles] == [1, 1]
+    assert capsys.readouterr().out == "down\n"
 
 
 @pytest.mark.parametrize(
@@ -449,6 +486,76 @@ def test_decorated_function_keeps_its_name_and_doc() -> None:
     assert repeat_every(seconds=1, name="tokens")(remove_expired_tokens).name == "tokens"
 
 
+async def test_call_runs_the_body_once_and_returns_what_it_returned(
+    fake_clock: FakeClock,
+) -> None:
+    threads: list[str] = []
+
+    @repeat_every(seconds=60)
+    async def count_async() -> int:
+        threads.append(threading.current_thread().name)
+        return 3
+
+    @repeat_every(seconds=60)
+    def count_sync() -> str:
+        threads.append(threading.current_thread().name)
+        return "three"
+
+    assert await count_async.call() == 3
+    assert await count_sync.call() == "three"
+    here = threading.current_thread().name
+    assert threads[0] == here  # an async def on the loop…
+    assert threads[1] != here  # …a def in a worker thread, as the loop calls them
+    assert count_async.handle is None  # nothing was started
+    assert len(fake_clock.history) == 0  # and nothing was recorded
+
+
+async def test_def_job_that_returns_an_awaitable_has_it_awaited(fake_clock: FakeClock) -> None:
+    done: list[str] = []
+
+    async def finish() -> None:
+        done.append(threading.current_thread().name)
+
+    @repeat_every(seconds=60, max_repetitions=1)
+    def job() -> Any:
+        return finish()  # made in the worker thread, awaited on the loop
+
+    handle = job()
+    await fake_clock.advance(0)
+    await handle.wait()
+    assert done == [threading.current_thread().name]
+    assert handle.failures == 0
+
+
+def test_reprs_say_the_schedule() -> None:
+    assert repr(repeat_every(seconds=10)) == "<repeat_every decorator every 10 s (fixed rate)>"
+    delayed = repeat_every(seconds=10, fixed_delay=True)(_noop)
+    assert repr(delayed).endswith("every 10 s after the previous run ended (fixed delay)>")
+    aligned = repeat_every(seconds=60, align=True)(_noop)
+    assert repr(aligned).endswith("every 60 s, aligned to the wall clock>")
+    assert [delayed.schedule.keyed, aligned.schedule.keyed] == [False, True]
+    assert repeat_every(seconds=10)(_noop).schedule.keyed is False
+
+
+def test_fixed_delay_jitter_must_be_shorter_than_the_period() -> None:
+    with pytest.raises(ValueError, match=r"jitter must be shorter than the period \(10 s\)"):
+        _decorate(seconds=10, fixed_delay=True, jitter=10)
+
+
+def test_builtin_without_a_signature_is_accepted_as_a_job() -> None:
+    task = repeat_every(seconds=1)(dict)
+    assert task.name == "builtins.dict"
+
+
+def test_options_refuse_a_store_on_a_process_local_grid() -> None:
+    # repeat_every aligns the grid whenever there is a store; the options hold the rule too.
+    from repeat_every._options import TaskOptions
+    from repeat_every._schedule import FixedRate
+
+    with pytest.raises(ValueError, match=r"store needs ticks every process agrees on"):
+        TaskOptions(FixedRate(10**9), store=_Store())
+
+
 async def test_decoration_does_not_start_anything() -> None:
     calls: list[int] = []
 
@@ -462,7 +569,7 @@ async def test_decoration_does_not_start_anything() -> None:
 
 
 def test_period_below_one_nanosecond_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"seconds must be at least one nanosecond"):
+    with pytest.raises(ValueError, match=r"seconds must be at least 0\.001 s"):
         _decorate(seconds=1e-10)
 
 

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from repeat_every import TaskHandle, TaskState, lifespan, repeat_every, running_handles
+from repeat_every import Retry, TaskHandle, TaskState, lifespan, repeat_every, running_handles
 from repeat_every.testing import FakeClock
 
 
@@ -84,6 +84,57 @@ async def test_stop_before_the_first_run_runs_nothing(fake_clock: FakeClock) -> 
     handle.stop()
     await handle.wait()
     assert calls == [0]
+
+
+async def test_stop_before_the_first_wait_ends_at_once_and_calls_on_complete(
+    fake_clock: FakeClock,
+) -> None:
+    calls: list[int] = []
+
+    @repeat_every(seconds=1, wait_first=True, on_complete=lambda: calls.append(0))
+    async def job() -> None:
+        calls.append(1)
+
+    handle = job()
+    handle.stop()  # before the loop's first step: it never starts its first wait
+    await handle.wait()
+    assert calls == [0]
+    assert not handle.cancelled
+    assert fake_clock.deadlines == []
+
+
+async def test_cancel_during_a_retry_wait_cancels_the_loop(fake_clock: FakeClock) -> None:
+    @repeat_every(seconds=60, retry=Retry(attempts=3, backoff=5))
+    async def job() -> None:
+        raise Boom("down")
+
+    handle = job()
+    await fake_clock.advance(1)  # the first attempt failed; the retry waits until 5
+    handle.cancel()
+    await handle.wait()
+    assert handle.cancelled
+    assert (handle.runs, handle.failures, handle.retries) == (0, 0, 1)
+
+
+async def test_state_of_a_task_on_the_real_clock_reads_real_time() -> None:
+    @repeat_every(seconds=60)
+    async def job() -> None:
+        pass
+
+    before = dt.datetime.now(dt.timezone.utc)
+    handle = job()
+    await asyncio.sleep(0.01)
+    state = handle.state
+    handle.cancel()
+    await handle.wait()
+    assert state.runs == 1
+    assert state.last_started_at is not None
+    assert state.next_run_at is not None
+    after = dt.datetime.now(dt.timezone.utc)
+    slack = dt.timedelta(seconds=5)  # generous: the machine may be busy
+    assert before - slack <= state.last_started_at <= after + slack
+    assert before + dt.timedelta(seconds=60) - slack <= state.next_run_at
+    assert state.next_run_at <= after + dt.timedelta(seconds=60) + slack
 
 
 async def test_stop_from_another_thread(fake_clock: FakeClock) -> None:

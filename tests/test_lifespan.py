@@ -92,6 +92,40 @@ async def test_run_tasks_cancelled_block_cancels_the_tasks(fake_clock: FakeClock
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
+async def test_run_tasks_cancelled_during_shutdown_cancels_the_run_it_waited_for(
+    fake_clock: FakeClock,
+) -> None:
+    entered = asyncio.Event()
+    finished: list[float] = []
+
+    @repeat_every(seconds=60)
+    async def job() -> None:
+        entered.set()
+        await fake_clock.sleep(5)
+        finished.append(fake_clock.now)
+
+    async def leave_while_running() -> None:
+        async with run_tasks(job):
+            await entered.wait()
+
+    leaving = asyncio.ensure_future(leave_while_running())
+    await fake_clock.run_due()
+    await asyncio.sleep(0)
+    assert not leaving.done()  # shutting down: waiting for the run in progress
+    leaving.cancel()  # the server gives up on a graceful shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert job.handle is not None
+    assert job.handle.cancelled
+    assert finished == []  # the run was cancelled, not awaited to its end
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_run_tasks_of_no_task_is_an_empty_block() -> None:
+    async with run_tasks() as handles:
+        assert handles == ()
+
+
 async def test_run_tasks_refuses_what_is_not_a_task() -> None:
     async def job() -> None:
         pass

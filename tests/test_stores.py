@@ -278,12 +278,19 @@ async def test_a_claim_is_won_once_and_lost_by_every_later_claimer(
 
 
 async def test_a_claim_expires_after_its_ttl(backend: Backend, task_name: str) -> None:
-    store = backend.store()
-    assert await store.claim(task_name, 1, 0.05) is True
-    assert await backend.store().claim(task_name, 1, 0.05) is False
+    # Held within its ttl, then free after it; no step depends on being fast: the held check
+    # has a ttl far longer than any stall, and a stall only makes the short claim older.
+    # Both stores connect first, so a slow first connection eats into no ttl.
+    store, other = backend.store(), backend.store()
+    assert await store.claim(task_name, 0, 60) is True
+    assert await other.claim(task_name, 0, 60) is False
+    assert await store.claim(task_name, 1, 30) is True
+    assert await other.claim(task_name, 1, 30) is False
+    assert await store.claim(task_name, 2, 0.05) is True
     await asyncio.sleep(0.15)  # real time: each store measures expiry on its own clock
-    assert await backend.store().claim(task_name, 1, 60) is True
-    assert await store.claim(task_name, 1, 60) is False
+    assert await other.claim(task_name, 2, 60) is True
+    assert await store.claim(task_name, 2, 60) is False
+    assert await other.claim(task_name, 1, 60) is False  # the 30 s claim is still held
 
 
 async def test_concurrent_claimers_on_several_connections_have_exactly_one_winner(
@@ -301,9 +308,10 @@ async def test_expired_claims_are_deleted_so_storage_stays_bounded(
     backend: Backend, task_name: str
 ) -> None:
     store = backend.bounded_store()
+    assert await store.claim(task_name + "-connect", 0, 60)  # connect before the short claims
     for tick in range(20):
         assert await store.claim(task_name, tick, 0.02)
-    await asyncio.sleep(0.08)
+    await asyncio.sleep(0.08)  # a stall only makes the claims older: expired all the same
     assert await store.claim(task_name, 100, 60)
     assert await backend.claimed_ticks(task_name) == [100]
 

@@ -7,9 +7,9 @@ task claims ``(its name, the tick)`` in the store, and only the process that win
 - [`RedisClaimStore`][]: a Redis (or Valkey) server; many hosts. Extra ``[redis]``.
 - [`PostgresClaimStore`][]: a PostgreSQL database; many hosts. Extra ``[postgres]``.
 
-Every store also keeps run records, per task (:class:`TaskStatus`: the last claimed tick, the
+Every store also keeps run records, per task (`TaskStatus`: the last claimed tick, the
 last success, the last failure), written by ``claim`` and ``record_run`` and read by
-``status``/``statuses``; and every store accepts the task names :func:`check_task_name`
+``status``/``statuses``; and every store accepts the task names `check_task_name`
 accepts.
 
 Importing this module imports none of their drivers (not even ``sqlite3``): each store imports

@@ -116,7 +116,7 @@ _good_names: set[str] = set()  # a SQL bigint, as the SQL stores keep it
 def check_task_name(name: object, argument: str = "task") -> str:
     """``name`` if every claim store accepts it as a task name; else a ``ValueError``/``TypeError``.
 
-    A task name is a non-empty ``str`` of at most :data:`MAX_TASK_NAME_BYTES` bytes of UTF-8,
+    A task name is a non-empty ``str`` of at most `MAX_TASK_NAME_BYTES` bytes of UTF-8,
     without control characters (a NUL cannot be stored in PostgreSQL; a newline or an escape
     sequence would split or forge log lines) and without lone surrogates (not encodable).
     ``argument`` names the argument in the message (``name`` at decoration).
@@ -249,7 +249,7 @@ class TaskStatus:
     """What a store remembers of one task, fleet-wide: ``None`` where nothing happened yet.
 
     Written by every worker that shares the store: ``last_claim`` by the claim a worker won,
-    ``last_success``/``last_failure`` by :meth:`record_run`. Kept across restarts, for as long
+    ``last_success``/``last_failure`` by `record_run`. Kept across restarts, for as long
     as the store keeps its data (the claims' expiry does not touch it).
     """
 
@@ -278,7 +278,7 @@ STATUS_COLUMNS = (  # of the SQL stores' tasks table, in this order
 
 
 def status_from_row(row: Sequence[Any]) -> TaskStatus:
-    """A :class:`TaskStatus` from the ``STATUS_COLUMNS`` of a SQL row (instants as Unix seconds)."""
+    """A `TaskStatus` from the ``STATUS_COLUMNS`` of a SQL row (instants as Unix seconds)."""
     (
         task,
         c_tick,

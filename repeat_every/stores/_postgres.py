@@ -49,8 +49,8 @@ class PostgresClaimStore:
       server at or after that instant loses: a worker however late cannot win a tick another
       worker claimed.
     - **Run records.** A won claim also notes the task's last claimed tick, in the same
-      statement; :meth:`record_run` notes its last success or failure; :meth:`status` and
-      :meth:`statuses` read them (table ``<table>_tasks``, one row per task, never expired).
+      statement; `record_run` notes its last success or failure; `status` and
+      `statuses` read them (table ``<table>_tasks``, one row per task, never expired).
     - **The tables are made for you.** ``table`` and ``<table>_tasks`` are created if missing,
       on the first claim, under an advisory lock so that many workers starting at once do
       not trip over each other. The claims' columns: ``task text``, ``tick bigint`` (primary

@@ -92,8 +92,8 @@ class RedisClaimStore:
       the server at or after that instant loses: a worker however late cannot win a tick
       another worker claimed.
     - **Run records.** A won claim also notes the task's last claimed tick, in the same
-      script; :meth:`record_run` notes its last success or failure; :meth:`status` and
-      :meth:`statuses` read them (a hash ``<status_prefix><task>`` per task, and the set
+      script; `record_run` notes its last success or failure; `status` and
+      `statuses` read them (a hash ``<status_prefix><task>`` per task, and the set
       ``<status_prefix>`` of task names; never expired).
     - **Lazy and self-healing.** Given a ``url``, the store makes its own client on the first
       claim (one per event loop, and a new one in a forked process, each closed when its

@@ -61,8 +61,8 @@ class SQLiteClaimStore:
     - **Expiry.** Measured on this host's wall clock (``time.time()``, so freezegun or
       time-machine move it too). Expired claims are deleted at most every
       ``cleanup_interval`` seconds, so the file stays small.
-    - **Run records.** A won claim also notes the task's last claimed tick; :meth:`record_run`
-      notes its last success or failure; :meth:`status` and :meth:`statuses` read them
+    - **Run records.** A won claim also notes the task's last claimed tick; `record_run`
+      notes its last success or failure; `status` and `statuses` read them
       (table ``<table>_tasks``, one row per task, never expired).
     - **The event loop never waits.** A claim runs on the event loop's thread only when SQLite
       can do it at once (its busy timeout is 0 there, and WAL checkpoints are left to the
@@ -284,7 +284,7 @@ class SQLiteClaimStore:
         """Run ``ops`` on the event loop's thread, in one transaction if they write.
 
         The connection's busy timeout is 0 here: a lock held by another process raises
-        :class:`_Busy` at once (nothing done) instead of blocking the event loop.
+        `_Busy` at once (nothing done) instead of blocking the event loop.
         """
         import sqlite3
 

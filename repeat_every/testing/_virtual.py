@@ -1,10 +1,10 @@
 """Virtual time *inside* runs: the loop timers, worker threads and ``time.sleep`` of a run.
 
-A :class:`~repeat_every.testing.FakeClock` steps the periodic loops' own sleeps directly. The
+A `FakeClock` steps the periodic loops' own sleeps directly. The
 code a run executes waits on time by other routes: ``asyncio.sleep``, ``asyncio.wait_for``,
 ``asyncio.timeout``, anything built on ``loop.call_at``/``call_later``/``loop.time()`` (anyio,
 tenacity, stamina, backoff), and ``time.sleep`` in a ``def`` job's worker thread. This module
-diverts those routes to the clock, but only for code that runs in a :class:`Scope`: the context
+diverts those routes to the clock, but only for code that runs in a `Scope`: the context
 of a periodic task started under the clock. Every task a run spawns and every thread that
 copies its context (a ``def`` job's thread, ``asyncio.to_thread``) inherits the scope through
 a context variable; code outside scopes (the test itself, ``TestClient``, httpx) falls through
@@ -262,7 +262,7 @@ def _virtual_sleep(seconds: float | SupportsIndex) -> None:
 
 
 def patch_time_sleep() -> None:
-    """Divert ``time.sleep`` (looked up at call time) until :func:`unpatch_time_sleep`."""
+    """Divert ``time.sleep`` (looked up at call time) until `unpatch_time_sleep`."""
     global _sleep_users
     with _sleep_lock:
         _sleep_users += 1
@@ -271,7 +271,7 @@ def patch_time_sleep() -> None:
 
 
 def unpatch_time_sleep() -> None:
-    """Undo one :func:`patch_time_sleep`; the last one restores the real ``time.sleep``."""
+    """Undo one `patch_time_sleep`; the last one restores the real ``time.sleep``."""
     global _sleep_users
     with _sleep_lock:
         _sleep_users -= 1

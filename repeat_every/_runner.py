@@ -1,0 +1,656 @@
+"""The runner: one running loop of a periodic task, and the pipeline every tick goes through.
+
+A tick goes through the same stages, in this order, whatever the task's options::
+
+    wait (until due) → claim (with a store: stale check, jitter, claim) or jitter
+      → attempts (the call, with timeout and retry) → record → report
+
+The policies (how the job is called, whether there is a store, a jitter, a retry, an observer
+that wants records) are chosen once, when the loop starts; a stage whose policy is off costs a
+test of a local variable. The fast path (an ``async def`` job, no option) is this pipeline with
+every policy off, not a copy of it. The public face of a runner is `TaskHandle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import datetime as dt
+import inspect
+import logging
+import random
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ._durations import NS, to_ns
+from ._policy import RunTimeoutError
+from ._realtime import real_time
+from ._records import Outcome, RunRecord, TaskState
+from ._timebase import Clock, SleepFunc, TaskObserver, observer_of
+
+if TYPE_CHECKING:
+    from ._options import TaskOptions
+    from ._schedule import Plan, Tick
+    from ._task import PeriodicTask
+
+log = logging.getLogger("repeat_every")
+"""The library's logger: failures are logged here when the task has no ``logger`` of its own."""
+
+# Skipped ticks are counted exactly but logged at most this often per task (see _skipped_ticks).
+_SKIP_LOG_EVERY = 60 * NS
+
+
+class _Stopped(Exception):
+    """Internal: the loop was asked to stop while it waited."""
+
+
+class _LoopEnd(Exception):
+    """Internal: the loop ends with ``error`` (raise_exceptions, or a hook raised)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class Runner:
+    """Owns one loop: its asyncio task, its counters, and the pipeline of each tick.
+
+    State, by invariant: ``next`` is the tick the loop waits for (``None`` while a run is in
+    progress or once the loop ended); ``sleeping`` is true exactly while the loop is inside an
+    interruptible wait, which `stop` may then cancel (setting ``interrupting``, so the
+    wait can tell that cancellation from a real one); the counters only grow.
+    """
+
+    # Slots: 100,000 idle tasks are a scenario we measure (bench/, scale).
+    __slots__ = (
+        "_random",
+        "_skip_logged_at",
+        "_skips_unlogged",
+        "_sleep",
+        "cancel_requested",
+        "clock",
+        "elsewhere",
+        "exception",
+        "failures",
+        "interrupting",
+        "last_exception",
+        "last_started",
+        "loop",
+        "next",
+        "observer",
+        "opts",
+        "periodic",
+        "retries",
+        "runs",
+        "skipped",
+        "sleeping",
+        "stop_requested",
+        "task",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        periodic: PeriodicTask[Any],
+        clock: Clock,
+        loop: asyncio.AbstractEventLoop,
+        on_done: Callable[[asyncio.Task[None]], object],
+    ) -> None:
+        self.periodic = periodic
+        self.opts: TaskOptions = periodic._options
+        self.clock = clock
+        self.observer: TaskObserver | None = observer_of(clock)
+        self.loop = loop
+        self.runs = 0
+        self.failures = 0
+        self.retries = 0
+        self.skipped = 0
+        self.elsewhere = 0
+        self.last_exception: BaseException | None = None
+        self.exception: BaseException | None = None  # what ended the loop
+        self.next: Tick | None = None
+        self.last_started: int | None = None  # monotonic ns of the last attempt's start
+        self.stop_requested = False
+        self.cancel_requested = False
+        self.sleeping = False
+        self.interrupting = False
+        self.waiters = 0
+        self._random: random.Random | None = None  # made on first use: 3 kB per task
+        self._skip_logged_at: int | None = None  # when skipped ticks were last logged
+        self._skips_unlogged = 0
+        self._sleep: SleepFunc = clock.sleep
+        self.task: asyncio.Task[None] = loop.create_task(
+            self._main(), name=f"repeat_every:{periodic.name}"
+        )
+        self.task.add_done_callback(on_done)
+        if self.observer is not None:
+            self.observer.task_started(self.task)
+
+    # -- what the handle asks ------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.periodic.name
+
+    def ended(self) -> bool:
+        """Whether the loop is over: its task is done, or its event loop was closed under it."""
+        return self.task.done() or self.loop.is_closed()
+
+    def state(self) -> TaskState:
+        clock = self.clock
+        next_at: dt.datetime | None = None
+        next_run = None if self.next is None else self.next.deadline / NS
+        if next_run is not None:
+            wall = clock.wall() + (next_run - clock.monotonic())
+            next_at = dt.datetime.fromtimestamp(wall, dt.timezone.utc)
+        last = self.last_started
+        return TaskState(
+            name=self.name,
+            running=not self.ended(),
+            runs=self.runs,
+            failures=self.failures,
+            retries=self.retries,
+            skipped=self.skipped,
+            elsewhere=self.elsewhere,
+            last_exception=self.last_exception,
+            next_run=next_run,
+            next_run_at=next_at,
+            last_started_at=None
+            if last is None
+            else dt.datetime.fromtimestamp(
+                clock.wall() - (clock.monotonic_ns() - last) / NS, dt.timezone.utc
+            ),
+        )
+
+    def stop(self) -> None:
+        if self.ended():
+            return
+        if self._elsewhere_thread():
+            self._call_soon_threadsafe(self.stop)
+            return
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        if self.sleeping:
+            self.interrupting = True
+            self.task.cancel()
+
+    def cancel(self) -> None:
+        if self.ended():
+            return
+        if self._elsewhere_thread():
+            self._call_soon_threadsafe(self.cancel)
+            return
+        self.cancel_requested = True
+        self.task.cancel()
+
+    async def join(self) -> None:
+        """Wait for the loop's task to end (through the observer, which may step time)."""
+        if self.observer is None:
+            await asyncio.wait((self.task,))
+        else:
+            await self.observer.join(self.task)
+
+    def crashed(self, task: asyncio.Task[None]) -> None:
+        """The task's done callback: report an exception the loop itself died of."""
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            # A bug, or a broken injected clock or sleep. Reading task.exception() keeps
+            # asyncio from warning "exception was never retrieved"; report the crash like any
+            # exception that ends the loop.
+            self._logger().error("%s: the loop crashed", self.name, exc_info=error)
+            self._end_with(error)
+
+    def _elsewhere_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is not self.loop
+        except RuntimeError:
+            return True
+
+    def _call_soon_threadsafe(self, method: Callable[[], None]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(method)
+        except RuntimeError:  # the event loop closed meanwhile: nothing is left to stop
+            if not self.loop.is_closed():
+                raise
+
+    # -- the pipeline --------------------------------------------------------------------------
+
+    async def _main(self) -> None:
+        """Every tick, until stopped, ended by a failure policy or done with max_repetitions."""
+        opts = self.opts
+        plan = opts.schedule.plan(self.clock)
+        now, sleep = self.clock.hot_path()  # once, inside the task, before the first sleep
+        self._sleep = sleep
+        observer = self.observer
+        records = observer is not None and observer.wants_records
+        store, jitter, retry = opts.store, opts.jitter_ns, opts.retry
+        func = self.periodic._func
+        call = self._choose_call()  # None: an async job without timeout, awaited right here
+        try:
+            t = now()
+            tick = plan.first(t)
+            while True:
+                self.next = tick
+                # Wait until the tick is due, re-checking: early wake-ups and clock jumps.
+                while (remaining := plan.remaining(tick, t)) > 0:
+                    await self._asleep(remaining, sleep)
+                    self.sleeping = False
+                    t = now()
+                # Claim (with a store), after the jitter, so peers claim as far apart as they
+                # start; a worker that woke too late for its tick skips it.
+                if store is not None:
+                    ttl = self._claim_ttl(plan, tick)
+                    if current := self._past_stale(plan, tick, t, ttl):
+                        tick = current
+                        continue
+                if jitter:
+                    await self._asleep(int(self._rng().random() * jitter), sleep)
+                    self.sleeping = False
+                    t = now()
+                if store is not None:
+                    won = await self._claim(tick, ttl)
+                    t = now()
+                    if not won:
+                        tick, _ = plan.after(tick, t)
+                        continue
+                if self.stop_requested:
+                    break
+                self.next = None
+                # Attempts: the call, then retries while the policy allows.
+                attempt = 1
+                while True:
+                    self.last_started = t
+                    started_wall = self.clock.wall() if records else 0.0
+                    error: BaseException | None = None
+                    try:
+                        if call is None:
+                            await func()
+                        else:
+                            await call()
+                    except Exception as exc:
+                        error = exc
+                    except asyncio.CancelledError as exc:
+                        if not self._raised_by_job():
+                            if records:
+                                self._record(tick, attempt, t, started_wall, exc)
+                            raise
+                        error = exc
+                    if records:
+                        self._record(tick, attempt, t, started_wall, error)
+                    if error is None or retry is None:
+                        break
+                    if not await self._retried(plan, tick, attempt, error):
+                        break
+                    attempt += 1
+                    t = now()
+                # Report a failure (log, on_exception, raise_exceptions), then plan the next.
+                if error is not None:
+                    await self._report(error)
+                self.runs += 1
+                if opts.max_repetitions is not None and self.runs >= opts.max_repetitions:
+                    break
+                if self._stopping():
+                    break
+                t = now()
+                tick, skipped = plan.after(tick, t)
+                if skipped:
+                    self._skipped_ticks(skipped, t)
+        except _Stopped:
+            pass
+        except asyncio.CancelledError:
+            if not self._interrupted_by_stop():
+                raise  # a real cancellation (cancel(), or the event loop shutting down)
+        except _LoopEnd as end:
+            self.next = None
+            self._end_with(end.error)
+            return
+        finally:
+            self.next = None
+        if opts.on_complete is not None:
+            try:
+                await call_hook(opts.on_complete)
+            except Exception as exc:
+                self._logger().exception("%s: on_complete raised", self.name)
+                self._end_with(exc)
+
+    # -- wait ----------------------------------------------------------------------------------
+
+    def _asleep(self, ns: int, sleep: SleepFunc) -> Awaitable[Any]:
+        """The one interruptible wait: the tick's, the jitter's and the backoff's.
+
+        Returns ``sleep(ns)`` to await; the caller clears ``sleeping`` once it returns. While
+        ``sleeping``, `stop` cancels the task; the caller's ``except CancelledError``
+        asks `_interrupted_by_stop` whether that is what happened. (A sync function
+        and not a coroutine: the tick's wait is on the hot path of every task.)
+        """
+        if self.stop_requested:
+            raise _Stopped
+        self.sleeping = True
+        return sleep(ns / NS)
+
+    def _interrupted_by_stop(self) -> bool:
+        """In ``except CancelledError``: whether stop() cancelled a wait (then undone)."""
+        if not self.sleeping or not self.interrupting or self.cancel_requested:
+            return False
+        self.sleeping = self.interrupting = False
+        if sys.version_info >= (3, 11):
+            self.task.uncancel()
+        return True
+
+    def _stopping(self) -> bool:
+        # A method, not the attribute: stop() may set it while the loop awaits (mypy narrows).
+        return self.stop_requested
+
+    def _rng(self) -> random.Random:
+        """The task's random source (jitter, retry jitter), seeded by ``seed``."""
+        if self._random is None:
+            self._random = random.Random(self.opts.seed)
+        return self._random
+
+    def _skipped_ticks(self, skipped: int, now: int) -> None:
+        """Count ticks an overrun covered; log them, at most one line a minute per task.
+
+        When an overloaded event loop makes every task late, a log line per late run would
+        add to the load that made them late; the count on the handle stays exact.
+        """
+        self.skipped += skipped
+        self._skips_unlogged += skipped
+        if self._skip_logged_at is not None and now - self._skip_logged_at < _SKIP_LOG_EVERY:
+            return
+        self._logger().warning(
+            "%s: the run took longer than its period; skipped %d tick(s)%s",
+            self.name,
+            skipped,
+            ""
+            if self._skips_unlogged == skipped
+            else f" ({self._skips_unlogged} since the last report a minute ago or more)",
+        )
+        self._skip_logged_at = now
+        self._skips_unlogged = 0
+
+    # -- claim ---------------------------------------------------------------------------------
+
+    def _claim_ttl(self, plan: Plan, tick: Tick) -> int:
+        return self.opts.claim_ttl_ns or max(60 * NS, 2 * (plan.following(tick) - tick.deadline))
+
+    def _past_stale(self, plan: Plan, tick: Tick, now: int, ttl: int) -> Tick | None:
+        """The tick to wait for instead of ``tick`` if the loop woke too late for it, else None.
+
+        The other processes claimed the tick when it was due, and their claim lives ``ttl``.
+        A process that wakes half a ttl late (it was frozen: a stopped container, a suspended
+        VM, a blocked event loop) could win an expired claim and run the tick a second time;
+        it skips the tick instead, and the ticks it slept through, and carries on from the
+        current one.
+        """
+        late = now - tick.deadline
+        if late * 2 < ttl:
+            return None
+        current, covered = plan.after(tick, now)
+        self.skipped += 1 + covered
+        self._logger().warning(
+            "%s: woke %.3g s after tick %s was due (was the process frozen, or the event loop "
+            "blocked?); skipping it and the %d tick(s) since: their claims may have expired, "
+            "and running them could repeat runs another process made",
+            self.name,
+            late / NS,
+            tick.key,
+            covered,
+        )
+        return current
+
+    async def _claim(self, tick: Tick, ttl: int) -> bool:
+        opts = self.opts
+        assert opts.store is not None
+        assert tick.key is not None
+        try:
+            with real_time():  # a store's request and timeout are real even under a FakeClock
+                won = await opts.store.claim(self.name, tick.key, ttl / NS)
+        except Exception:
+            if opts.on_store_error == "run":
+                self._logger().warning(
+                    "%s: claim store failed; running tick %d anyway (on_store_error='run')",
+                    self.name,
+                    tick.key,
+                    exc_info=True,
+                )
+                return True
+            self.skipped += 1
+            self._logger().error(
+                "%s: claim store failed; skipping tick %d (on_store_error='skip')",
+                self.name,
+                tick.key,
+                exc_info=True,
+            )
+            return False
+        if not won:
+            self.elsewhere += 1
+        return bool(won)
+
+    # -- attempts ------------------------------------------------------------------------------
+
+    def _choose_call(self) -> Callable[[], Awaitable[Any]] | None:
+        """How an attempt calls the job, decided once: ``None`` means ``await func()``."""
+        if self.periodic._is_async:
+            return None if self.opts.timeout_ns is None else self._call_async_with_timeout
+        return self._call_in_thread
+
+    async def _call_async_with_timeout(self) -> None:
+        timeout = self.opts.timeout_ns
+        assert timeout is not None
+        await self._with_timeout(asyncio.ensure_future(self.periodic._func()), timeout, False)
+
+    async def _call_in_thread(self) -> None:
+        periodic = self.periodic
+        busy = periodic._thread_run
+        if not busy.done():
+            # An earlier loop of this job (cancelled, or stopped after a timeout) left its run
+            # in a worker thread, which nothing can interrupt: runs never overlap, so wait.
+            self._logger().warning(
+                "%s: the previous run is still in its worker thread; this run waits for it",
+                self.name,
+            )
+            await asyncio.wrap_future(busy)
+        returned: concurrent.futures.Future[None] = concurrent.futures.Future()
+        periodic._thread_run = returned
+        future = in_thread(self.loop, _run_then_set, returned, periodic._func)
+        timeout = self.opts.timeout_ns
+        result = await (future if timeout is None else self._with_timeout(future, timeout, True))
+        if inspect.isawaitable(result):
+            await result
+
+    def _raised_by_job(self) -> bool:
+        """In ``except CancelledError`` around a run: whether the job raised it itself.
+
+        Nobody cancelled the loop: the job raised it (say, it awaited a future someone else
+        cancelled). That is a failure of the run, not the end of the loop. Python 3.10 cannot
+        tell the two apart (no ``Task.cancelling()``), so there it still ends the loop.
+        """
+        return sys.version_info >= (3, 11) and not self.task.cancelling()
+
+    def _waiting(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self.observer is None else self.observer.waiting()
+
+    async def _with_timeout(self, job: asyncio.Future[Any], timeout: int, in_thread: bool) -> Any:
+        observer = self.observer
+        timer = self.loop.create_task(_sleep(self.clock, timeout / NS))
+        if observer is not None:
+            observer.track(job)
+            observer.track(timer)
+        try:
+            with self._waiting():
+                await asyncio.wait((job, timer), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            job.cancel()
+            timer.cancel()
+            raise
+        if job.done():
+            timer.cancel()
+            await asyncio.wait((timer,))
+            return job.result()
+        seconds = timeout / NS
+        error = RunTimeoutError(f"{self.name}: run exceeded its timeout of {seconds:g} s")
+        if in_thread:
+            self._logger().error(
+                "%s: run exceeded its timeout of %g s; a def job cannot be interrupted, so the "
+                "next run waits until its thread returns",
+                self.name,
+                seconds,
+            )
+            with self._waiting():
+                await asyncio.wait((job,))
+            if not job.cancelled() and job.exception() is not None:
+                self._logger().error(
+                    "%s: the timed-out run later raised", self.name, exc_info=job.exception()
+                )
+        else:
+            job.cancel()
+            with self._waiting():
+                await asyncio.wait((job,))
+        raise error
+
+    async def _retried(self, plan: Plan, tick: Tick, attempt: int, error: BaseException) -> bool:
+        """Whether the retry policy retries ``error`` (having waited its backoff) or not."""
+        retry = self.opts.retry
+        assert retry is not None
+        if attempt >= retry.attempts or not isinstance(error, retry.on):
+            return False
+        delay = to_ns(retry.delay(attempt, self._rng()))
+        if self.clock.monotonic_ns() + delay >= plan.following(tick) or self.stop_requested:
+            self._logger().warning(
+                "%s: no retry of attempt %d: the next tick comes first", self.name, attempt
+            )
+            return False
+        self.retries += 1
+        self._logger().warning(
+            "%s: attempt %d failed (%r); retrying in %g s",
+            self.name,
+            attempt,
+            error,
+            delay / NS,
+            exc_info=error,
+        )
+        try:
+            await self._asleep(delay, self._sleep)
+        except asyncio.CancelledError:
+            if not self._interrupted_by_stop():
+                raise
+            return False  # stopped during the backoff: the run failed; the loop ends after it
+        self.sleeping = False
+        return True
+
+    # -- record and report ---------------------------------------------------------------------
+
+    def _record(
+        self,
+        tick: Tick,
+        attempt: int,
+        started: int,
+        started_wall: float,
+        error: BaseException | None,
+    ) -> None:
+        """Give the observer the record of an attempt that just ended (when it wants them)."""
+        assert self.observer is not None
+        outcome: Outcome
+        if error is None:
+            outcome = "ok"
+        elif isinstance(error, asyncio.CancelledError) and not self._raised_by_job():
+            outcome = "cancelled"
+        elif isinstance(error, RunTimeoutError):
+            outcome = "timeout"
+        else:
+            outcome = "failed"
+        self.observer.run_finished(
+            RunRecord(
+                self.name,
+                self.runs,
+                attempt,
+                tick.deadline / NS,
+                started / NS,
+                self.clock.monotonic(),
+                outcome,
+                error,
+                started_wall,
+            )
+        )
+
+    async def _report(self, error: BaseException) -> None:
+        """A run failed (after its retries): count it, log it, call on_exception."""
+        opts = self.opts
+        self.failures += 1
+        self.last_exception = error
+        self._logger().error("%s: run %d failed: %r", self.name, self.runs, error, exc_info=error)
+        if opts.on_exception is not None:
+            try:
+                await call_hook(opts.on_exception, error)
+            except Exception as hook_error:
+                self._logger().exception("%s: on_exception raised; the loop ends", self.name)
+                raise _LoopEnd(hook_error) from hook_error
+        if opts.raise_exceptions:
+            raise _LoopEnd(error)
+
+    def _logger(self) -> logging.Logger | logging.LoggerAdapter[Any]:
+        return self.opts.logger or log
+
+    def _end_with(self, error: BaseException) -> None:
+        """The loop ends with ``error``: keep it for wait(), or hand it to the event loop."""
+        self.exception = error
+        if self.waiters == 0 and not self.loop.is_closed():
+            # No "task" key: this runs inside the task, and on Python ≥ 3.12 the event loop
+            # would run a custom handler in that task's context, which is already entered
+            # ("cannot enter context"): the handler would never see the exception.
+            self.loop.call_exception_handler(
+                {
+                    "message": f"periodic task {self.name!r} ended with an exception "
+                    "(await its handle's wait() to receive it instead)",
+                    "exception": error,
+                }
+            )
+
+
+async def _sleep(clock: Clock, seconds: float) -> None:
+    await clock.sleep(seconds)
+
+
+async def call_hook(hook: Callable[..., Any], *args: Any) -> None:
+    """Call a hook: an async one on the loop, a sync one in a worker thread (as fastapi-utils
+    does: a hook that blocks, such as one sending an alert, must not block the event loop)."""
+    if inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(type(hook).__call__):
+        result = hook(*args)
+    else:
+        result = await in_thread(asyncio.get_running_loop(), hook, *args)
+    if inspect.isawaitable(result):
+        await result
+
+
+def in_thread(
+    loop: asyncio.AbstractEventLoop, func: Callable[..., Any], *args: Any
+) -> asyncio.Future[Any]:
+    """Run ``func(*args)`` in the default executor, in a copy of the current context."""
+    return loop.run_in_executor(
+        None, contextvars.copy_context().run, _no_stop_iteration, func, *args
+    )
+
+
+def _run_then_set(returned: concurrent.futures.Future[None], func: Callable[[], Any]) -> Any:
+    """Run ``func`` in its worker thread; ``returned`` says when the thread is done with it.
+
+    The asyncio future of the thread is cancelled with the loop that awaits it, while the
+    thread goes on: only this one tells when the job has really returned.
+    """
+    try:
+        return _no_stop_iteration(func)
+    finally:
+        returned.set_result(None)
+
+
+def _no_stop_iteration(func: Callable[..., Any], *args: Any) -> Any:
+    # asyncio cannot put StopIteration into a Future: the future would never resolve and the
+    # loop would hang. Convert it as PEP 479 does for coroutines.
+    try:
+        return func(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{func!r} raised StopIteration") from exc

@@ -845,8 +845,10 @@ class FakeClock:
             self._drop_dead()
             sleepers = self._sleepers
             timers = self._timers
-            tops = [heap[0][0] for heap in (sleepers, timers) if heap]
-            nxt = min(tops) if tops else None
+            if timers:  # waits inside runs pending: the earlier of the two heaps
+                nxt = timers[0][0] if not sleepers else min(sleepers[0][0], timers[0][0])
+            else:
+                nxt = sleepers[0][0] if sleepers else None
             if nxt is None or nxt > target:
                 self._now = max(self._now, target)
                 moved_to_target = True
@@ -859,7 +861,7 @@ class FakeClock:
                         self._asleep.pop(activity, None)
                         self._awake.add(activity)
                         due.append(future)
-                while timers and timers[0][0] <= now:
+                while timers and timers[0][0] <= now:  # (skipped at once when empty)
                     item = heapq.heappop(timers)[2]
                     if not _timer_alive(item):
                         continue

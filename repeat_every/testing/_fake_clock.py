@@ -845,6 +845,7 @@ class FakeClock:
             self._drop_dead()
             sleepers = self._sleepers
             timers = self._timers
+            nxt: int | None
             if timers:  # waits inside runs pending: the earlier of the two heaps
                 nxt = timers[0][0] if not sleepers else min(sleepers[0][0], timers[0][0])
             else:

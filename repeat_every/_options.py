@@ -204,10 +204,7 @@ class TaskOptions:
 
 def _takes(method: Callable[..., Any], keyword: str) -> bool:
     """Whether ``method`` accepts the keyword argument ``keyword`` (a 3-argument claim does not)."""
-    try:
-        parameters = inspect.signature(method).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: call it as the protocol says
-        return False
+    parameters = inspect.signature(method).parameters.values()  # async def: always has one
     return any(
         p.kind is p.VAR_KEYWORD
         or (p.name == keyword and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))

@@ -392,3 +392,69 @@ def test_catch_up_needs_a_store_that_remembers_and_a_grace() -> None:
         repeat_every(seconds=1, store=store, catch_up=1, misfire_grace=5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"misfire_grace must"):
         repeat_every(seconds=1, store=store, catch_up=True, misfire_grace=-1)
+
+
+async def test_the_catch_up_example_of_the_docs_runs_the_missed_tick_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "many-workers.md").read_text()
+    block = text.split("<!-- catch-up-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # the example's store is "claims.db"
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "many-workers.md", "exec"), namespace)
+    with FakeClock(start=DAY_START) as clock:
+        handle = namespace["send_daily_report"]()
+        await clock.advance(60)
+        await handle.aclose()
+    claims = namespace["claims"]
+    status = await claims.status(handle.name)
+    await claims.aclose()
+    assert handle.runs == 1
+    assert status.last_success is not None
+    assert status.last_success.tick == NINE
+
+
+async def test_a_weekly_job_down_for_two_days_is_caught_up_within_a_three_day_grace(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteClaimStore(tmp_path / "claims.db")
+    monday = dt.datetime(2031, 3, 3, 8, 0, tzinfo=dt.timezone.utc)  # a Monday
+    with FakeClock(start=monday + dt.timedelta(days=2)) as clock:
+
+        @repeat_at(
+            cron="0 8 * * MON", store=store, name="weekly", catch_up=True, misfire_grace=3 * 86_400
+        )
+        async def weekly() -> None:
+            pass
+
+        handle = weekly()
+        await clock.advance(60)
+        await handle.aclose()
+    status = await store.status("weekly")
+    await store.aclose()
+    assert handle.runs == 1
+    assert status.last_success is not None
+    assert status.last_success.tick == int(monday.timestamp())
+
+
+async def test_a_store_failing_during_catch_up_is_logged_and_the_regular_ticks_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Amnesic(SQLiteClaimStore):
+        async def status(self, task: str) -> Any:
+            raise ConnectionError("store went away")
+
+    store = Amnesic(tmp_path / "claims.db")
+    with FakeClock(start=START + dt.timedelta(seconds=20)) as clock:
+
+        @repeat_every(seconds=60, store=store, name="amnesic", catch_up=True, misfire_grace=30)
+        async def job() -> None:
+            pass
+
+        handle = job()
+        await clock.advance(45)
+        await handle.aclose()
+    await store.aclose()
+    assert handle.runs == 1  # the regular tick at START + 60 s only
+    [error] = [r for r in caplog.records if "is not caught up" in r.getMessage()]
+    assert error.levelno == logging.ERROR

@@ -12,9 +12,9 @@ itself late). Both run ``@repeat_every(seconds=PERIOD, store=...)`` and log ever
 tick. It prints, per store, the ticks observed, the duplicates (a tick run by both) and the
 misses (a tick run by nobody).
 
-``--deadline`` (the default) passes each tick's wall-clock deadline to ``claim(...,
-deadline=)``, as the loop does once it is wired to it; ``--no-deadline`` calls
-``claim(task, tick, ttl)`` as the loop of 0.x does. Without ``--redis-url``/``--postgres-dsn``
+``--deadline`` (the default) lets the loop's deadline reach ``claim(..., deadline=)``;
+``--no-deadline`` drops it in the worker's store wrapper, so the store decides as it did
+before issue 14. Without ``--redis-url``/``--postgres-dsn``
 it starts throwaway servers from the test extra's wheels (tests/servers.py).
 """
 
@@ -55,8 +55,8 @@ def run_pair(
     task = f"jitter-{kind}-{uuid.uuid4().hex[:8]}"
     files = [folder / f"{task}-{name}.log" for name in "ab"]
     common = ["--period", str(period), "--jitter", str(jitter), "--claim-ttl", str(claim_ttl)]
-    if deadline:
-        common.append("--deadline")
+    if not deadline:
+        common.append("--no-deadline")  # the worker drops the deadline the loop passes
     workers = [
         subprocess.Popen(
             [sys.executable, str(WORKER), kind, target, task, str(file), *common, *extra],

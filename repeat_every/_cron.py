@@ -128,6 +128,29 @@ class Cron:
         key = self._first_at_or_after(floor + 1)
         return dt.datetime.fromtimestamp(key, self.tz)
 
+    def key_instant(self, key: int) -> int:
+        """A tick key (epoch seconds) as ns since the epoch."""
+        return key * NS
+
+    def last_key_before(self, key: int, since: int) -> int | None:
+        """The latest fire time before ``key`` and at or after ``since`` (ns), or ``None``.
+
+        Looks back over a window that grows fourfold from a minute, so a frequent schedule
+        with a long ``since`` costs a few fire times, not every one since then.
+        """
+        window = 60 * NS
+        while True:
+            low = max(since, key * NS - window)
+            last = None
+            for fire in self._fire_times(-(-low // NS) - 1):
+                if fire >= key:
+                    break
+                if fire * NS >= low:
+                    last = fire
+            if last is not None or low == since:
+                return last
+            window *= 4
+
     # -- in epoch seconds, for the plan -----------------------------------------------------
 
     def _fire_times(self, after: int) -> Iterator[int]:

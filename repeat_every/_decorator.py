@@ -51,6 +51,10 @@ class JobDecorator:
     def __call__(self, func: Callable[[], Any], /) -> PeriodicTask[Any]:
         is_async = _check_job(func)
         name = self._options.name or _default_name(func)
+        if self._options.store is not None:  # the store's key: every store must accept it
+            from .stores import check_task_name
+
+            check_task_name(name, "name")
         return PeriodicTask(func, self._options, name=name, is_async=is_async)
 
     def __repr__(self) -> str:
@@ -80,6 +84,8 @@ def repeat_every(
     store: ClaimStore | None = None,
     on_store_error: StoreErrorPolicy = "skip",
     claim_ttl: Seconds | None = None,
+    catch_up: bool = False,
+    misfire_grace: Seconds | None = None,
 ) -> JobDecorator:
     """Turn a no-argument ``def`` or ``async def`` into a periodic job.
 
@@ -118,6 +124,8 @@ def repeat_every(
       drawn from ``random.Random(seed)``.
     - ``store``, ``on_store_error``, ``claim_ttl``: run each tick once across processes; see
       the claim-store docs.
+    - ``catch_up``, ``misfire_grace``: with a store, a tick missed while every worker was down
+      runs once at start if it is at most ``misfire_grace`` old; see the claim-store docs.
 
     Every wrong argument raises ``TypeError``/``ValueError`` here, naming it and the fix.
     """
@@ -155,6 +163,8 @@ def repeat_every(
             store=store,
             on_store_error=on_store_error,
             claim_ttl=claim_ttl,
+            catch_up=catch_up,
+            misfire_grace=misfire_grace,
         )
     )
 
@@ -180,6 +190,8 @@ def repeat_at(
     store: ClaimStore | None = None,
     on_store_error: StoreErrorPolicy = "skip",
     claim_ttl: Seconds | None = None,
+    catch_up: bool = False,
+    misfire_grace: Seconds | None = None,
 ) -> JobDecorator:
     """Turn a no-argument ``def`` or ``async def`` into a job that runs at cron times.
 
@@ -231,6 +243,8 @@ def repeat_at(
             store=store,
             on_store_error=on_store_error,
             claim_ttl=claim_ttl,
+            catch_up=catch_up,
+            misfire_grace=misfire_grace,
         )
     )
 

@@ -23,6 +23,10 @@ from ._schedule import Schedule
 from ._timebase import Clock, ClockFunc, SleepFunc, SystemClock
 
 Hook = Callable[..., Any]
+
+MIN_CLAIM_TTL_NS = NS // 10
+"""The shortest ``claim_ttl`` (0.1 s): a claim's window must outlive waking up and the store's
+round trip (a few ms, tens under load), or every claim arrives after it and loses."""
 if TYPE_CHECKING:  # LoggerAdapter is generic only from Python 3.11 on
     Logger = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -51,10 +55,17 @@ class TaskOptions:
     store: ClaimStore | None = None
     on_store_error: StoreErrorPolicy = "skip"
     claim_ttl: Seconds | None = None
+    catch_up: bool = False
+    misfire_grace: Seconds | None = None
 
     timeout_ns: int | None = field(init=False, repr=False)
     jitter_ns: int = field(init=False, repr=False)
     claim_ttl_ns: int | None = field(init=False, repr=False)
+    misfire_grace_ns: int | None = field(init=False, repr=False)
+    store_takes_deadline: bool = field(init=False, repr=False)
+    """Whether the store's ``claim`` takes ``deadline=`` (decided once, by its signature)."""
+    store_records_runs: bool = field(init=False, repr=False)
+    """Whether the store has ``record_run`` (the stores of ``repeat_every.stores`` do)."""
     timebase: Clock | None = field(init=False, repr=False)
     """The task's own clock (``clock``/``sleep`` given), or ``None``: the default at start."""
 
@@ -94,8 +105,15 @@ class TaskOptions:
         seed = self.seed
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self._check_store(jitter)
+        takes_deadline, records_runs = self._check_store(jitter)
         ttl = None if self.claim_ttl is None else duration_ns(self.claim_ttl, "claim_ttl")
+        if ttl is not None and ttl < MIN_CLAIM_TTL_NS:
+            raise ValueError(
+                f"claim_ttl must be at least {MIN_CLAIM_TTL_NS / NS:g} s, got {ttl / NS:g} s: a "
+                "claim reaching the store later than its tick's deadline + claim_ttl loses, and "
+                "a claim takes a few ms (waking up, the network); leave claim_ttl unset for the "
+                "default (the longer of 60 s and two periods)"
+            )
         if ttl is not None and ttl <= jitter:
             # Peers claim up to `jitter` apart: a claim must outlive that, or a late peer wins.
             raise ValueError(
@@ -111,16 +129,30 @@ class TaskOptions:
             ("timeout_ns", timeout),
             ("jitter_ns", jitter),
             ("claim_ttl_ns", ttl),
+            ("misfire_grace_ns", self._check_catch_up(takes_deadline)),
+            ("store_takes_deadline", takes_deadline),
+            ("store_records_runs", records_runs),
             ("timebase", own),
         ):
             object.__setattr__(self, name_, value)
 
-    def _check_store(self, jitter: int) -> None:
+    def _check_store(self, jitter: int) -> tuple[bool, bool]:
+        """Check ``store``; whether its ``claim`` takes ``deadline=``, whether it records runs."""
         store = self.store
+        if isinstance(store, type):
+            raise TypeError(
+                f"store must be a claim store instance, not the class {store.__name__}: write "
+                f"store={store.__name__}(...) (e.g. SQLiteClaimStore(path))"
+            )
         if store is not None and not isinstance(store, ClaimStore):
             raise TypeError(
                 f"store must be a claim store with an async claim(task, tick, ttl) method "
                 f"(e.g. repeat_every.stores.SQLiteClaimStore(path)), not {store!r}"
+            )
+        if store is not None and not inspect.iscoroutinefunction(store.claim):
+            raise TypeError(
+                f"store.claim must be a coroutine function (async def claim(self, task, tick, "
+                f"ttl) -> bool), got {store.claim!r}: the loop awaits it; make it async def"
             )
         if store is not None and not self.schedule.keyed:
             raise ValueError(
@@ -129,6 +161,55 @@ class TaskOptions:
             )
         if self.on_store_error not in ("skip", "run"):
             raise ValueError(f"on_store_error must be 'skip' or 'run', got {self.on_store_error!r}")
+        if store is None:
+            return False, False
+        return _takes(store.claim, "deadline"), inspect.iscoroutinefunction(
+            getattr(store, "record_run", None)
+        )
+
+    def _check_catch_up(self, takes_deadline: bool) -> int | None:
+        """Check ``catch_up`` and ``misfire_grace``; the grace in ns (``None``: no catch-up)."""
+        check_bool(self.catch_up, "catch_up")
+        if not self.catch_up:
+            if self.misfire_grace is not None:
+                raise ValueError(
+                    "misfire_grace is the age up to which a missed tick is caught up at start: "
+                    "give catch_up=True with it, or drop it"
+                )
+            return None
+        store = self.store
+        if store is None:
+            raise ValueError(
+                "catch_up=True needs a store: the store remembers which ticks a worker claimed, "
+                "so that a missed tick runs once across the fleet (e.g. "
+                "store=SQLiteClaimStore(path))"
+            )
+        if not (
+            takes_deadline
+            and _takes(store.claim, "if_newest")
+            and inspect.iscoroutinefunction(getattr(store, "status", None))
+        ):
+            raise TypeError(
+                f"catch_up=True needs a store whose claim takes deadline= and if_newest= and "
+                f"that has an async status(task), as the stores of repeat_every.stores do; "
+                f"{store!r} does not"
+            )
+        if self.misfire_grace is None:
+            raise ValueError(
+                "catch_up=True needs misfire_grace: how old a missed tick may be and still run "
+                "at start (e.g. misfire_grace=3600 for an hour, or a timedelta)"
+            )
+        return duration_ns(self.misfire_grace, "misfire_grace")
+
+
+def _takes(method: Callable[..., Any], keyword: str) -> bool:
+    """Whether ``method`` accepts the keyword argument ``keyword`` (a 3-argument claim does not)."""
+    parameters = inspect.signature(method).parameters.values()  # async def: always has one
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == keyword and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in parameters
+    )
 
 
 def check_bool(value: object, argument: str) -> None:

@@ -23,17 +23,18 @@ import logging
 import random
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._durations import NS, to_ns
 from ._policy import RunTimeoutError
 from ._realtime import real_time
 from ._records import Outcome, RunRecord, TaskState
+from ._schedule import Tick, wall_ns
 from ._timebase import Clock, SleepFunc, TaskObserver, observer_of
 
 if TYPE_CHECKING:
     from ._options import TaskOptions
-    from ._schedule import Plan, Tick
+    from ._schedule import KeyedSchedule, Plan
     from ._task import PeriodicTask
 
 log = logging.getLogger("repeat_every")
@@ -228,11 +229,21 @@ class Runner:
         observer = self.observer
         records = observer is not None and observer.wants_records
         store, jitter, retry = opts.store, opts.jitter_ns, opts.retry
+        takes_deadline = opts.store_takes_deadline
+        records_runs = opts.store_records_runs
         func = self.periodic._func
         call = self._choose_call()  # None: an async job without timeout, awaited right here
         try:
             t = now()
             tick = plan.first(t)
+            # A catch-up tick (catch_up=True) is claimed here, before the loop: it is run at
+            # once, without the stale check, jitter and claim of a regular tick.
+            claimed = False
+            if opts.misfire_grace_ns is not None:
+                missed = await self._catch_up(plan, tick, t)
+                if missed is not None:
+                    tick, claimed = missed, True
+                    t = now()
             while True:
                 self.next = tick
                 # Wait until the tick is due, re-checking: early wake-ups and clock jumps.
@@ -242,26 +253,38 @@ class Runner:
                     t = now()
                 # Claim (with a store), after the jitter, so peers claim as far apart as they
                 # start; a worker that woke too late for its tick skips it.
-                if store is not None:
+                # With deadline= the store itself refuses a claim that comes too late, whatever
+                # delayed it; the stale check then only spares a hopeless claim. Without it, the
+                # check must come after the jitter, right before the claim (see _past_stale).
+                if claimed:
+                    claimed = False
+                elif store is not None:
                     ttl = self._claim_ttl(plan, tick)
-                    if current := self._past_stale(plan, tick, t, ttl):
+                    if takes_deadline and (current := self._past_stale(plan, tick, t, ttl)):
                         tick = current
                         continue
-                if jitter:
-                    await self._asleep(int(self._rng().random() * jitter), sleep)
-                    self.sleeping = False
-                    t = now()
-                if store is not None:
+                    if jitter:
+                        await self._asleep(int(self._rng().random() * jitter), sleep)
+                        self.sleeping = False
+                        t = now()
+                    if not takes_deadline and (current := self._past_stale(plan, tick, t, ttl)):
+                        tick = current
+                        continue
                     won = await self._claim(tick, ttl)
                     t = now()
                     if not won:
                         tick, _ = plan.after(tick, t)
                         continue
+                elif jitter:
+                    await self._asleep(int(self._rng().random() * jitter), sleep)
+                    self.sleeping = False
+                    t = now()
                 if self.stop_requested:
                     break
                 self.next = None
                 # Attempts: the call, then retries while the policy allows.
                 attempt = 1
+                run_started, run_wall = t, self.clock.wall() if records_runs else 0.0
                 while True:
                     self.last_started = t
                     started_wall = self.clock.wall() if records else 0.0
@@ -287,6 +310,8 @@ class Runner:
                         break
                     attempt += 1
                     t = now()
+                if records_runs:  # the fleet-wide run record: the store's, in real time
+                    await self._record_run(tick, run_wall, now() - run_started, error)
                 # Report a failure (log, on_exception, raise_exceptions), then plan the next.
                 if error is not None:
                     await self._report(error)
@@ -402,13 +427,24 @@ class Runner:
         )
         return current
 
+    def _deadline(self, tick: Tick) -> float:
+        """The tick's due instant in Unix seconds, from its key alone: the same in every worker
+        (never read from this worker's clock, which may be late or skewed)."""
+        assert tick.key is not None
+        return cast("KeyedSchedule", self.opts.schedule).key_instant(tick.key) / NS
+
     async def _claim(self, tick: Tick, ttl: int) -> bool:
         opts = self.opts
         assert opts.store is not None
         assert tick.key is not None
         try:
             with real_time():  # a store's request and timeout are real even under a FakeClock
-                won = await opts.store.claim(self.name, tick.key, ttl / NS)
+                if opts.store_takes_deadline:
+                    won = await opts.store.claim(  # type: ignore[call-arg]
+                        self.name, tick.key, ttl / NS, deadline=self._deadline(tick)
+                    )
+                else:
+                    won = await opts.store.claim(self.name, tick.key, ttl / NS)
         except Exception:
             if opts.on_store_error == "run":
                 self._logger().warning(
@@ -429,6 +465,56 @@ class Runner:
         if not won:
             self.elsewhere += 1
         return bool(won)
+
+    async def _catch_up(self, plan: Plan, first: Tick, t: int) -> Tick | None:
+        """The tick missed before ``first`` to run now, once across the fleet, or None.
+
+        The latest tick before ``first`` that is at most ``misfire_grace`` old is run if the
+        store shows no worker claimed it (nor a later tick), and this worker wins it with
+        ``claim(..., if_newest=True)``: the store refuses it to a second worker, and to anyone
+        once ``deadline + misfire_grace`` has passed (APScheduler's misfire_grace_time, with
+        coalesce: only the latest missed tick runs, once).
+        """
+        opts = self.opts
+        store: Any = opts.store
+        grace = opts.misfire_grace_ns
+        assert store is not None
+        assert grace is not None
+        assert first.key is not None
+        schedule = cast("KeyedSchedule", opts.schedule)
+        wall = wall_ns(self.clock)
+        key = schedule.last_key_before(first.key, wall - grace)
+        if key is None:
+            return None
+        missed = Tick(t - (wall - schedule.key_instant(key)), first.index - 1, key)
+        try:
+            with real_time():
+                status = await store.status(self.name)
+                last = status.last_claim
+                if last is not None and last.tick >= key:
+                    return None  # run, or being run, by a worker
+                won = await store.claim(
+                    self.name, key, grace / NS, deadline=self._deadline(missed), if_newest=True
+                )
+        except Exception:
+            self._logger().error(
+                "%s: claim store failed; tick %d missed while no worker ran is not caught up",
+                self.name,
+                key,
+                exc_info=True,
+            )
+            return None
+        if not won:  # another worker caught it up (not counted in elsewhere: not a tick of ours)
+            return None
+        self._logger().warning(
+            "%s: tick %d was missed (no worker claimed it) %.3g s ago; running it now "
+            "(catch_up=True, misfire_grace=%g s)",
+            self.name,
+            key,
+            (wall - schedule.key_instant(key)) / NS,
+            grace / NS,
+        )
+        return missed
 
     # -- attempts ------------------------------------------------------------------------------
 
@@ -576,6 +662,23 @@ class Runner:
                 started_wall,
             )
         )
+
+    async def _record_run(
+        self, tick: Tick, started_at: float, duration: int, error: BaseException | None
+    ) -> None:
+        """Note the run in the store's run records; a store failure is logged, never raised."""
+        store: Any = self.opts.store
+        assert tick.key is not None
+        try:
+            with real_time():
+                await store.record_run(self.name, tick.key, started_at, duration / NS, error)
+        except Exception:
+            self._logger().warning(
+                "%s: could not write the run record of tick %d to the store",
+                self.name,
+                tick.key,
+                exc_info=True,
+            )
 
     async def _report(self, error: BaseException) -> None:
         """A run failed (after its retries): count it, log it, call on_exception."""

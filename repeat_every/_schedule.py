@@ -89,6 +89,21 @@ class Schedule(Protocol):
         """Nanoseconds a jitter must stay below, and what that bound is (for the error)."""
 
 
+class KeyedSchedule(Schedule, Protocol):
+    """A schedule whose ticks carry a wall-clock ``key`` (aligned grids and cron).
+
+    What claim stores and catch-up need beyond the key: the instant a key stands for, the
+    same in every process (computed from the key alone, never read from a clock), and the
+    ticks before a given one.
+    """
+
+    def key_instant(self, key: int) -> int:
+        """The wall-clock instant tick ``key`` is due, in ns since the Unix epoch."""
+
+    def last_key_before(self, key: int, since: int) -> int | None:
+        """The latest key before ``key`` due at or after ``since`` (ns since the epoch)."""
+
+
 @dataclass(frozen=True)
 class FixedRate:
     """Run k is due at ``start + first_delay + k × period``: lateness never accumulates.
@@ -209,6 +224,12 @@ class AlignedRate:
 
     def describe(self) -> str:
         return f"every {self.period / NS:g} s, aligned to the wall clock"
+
+    def key_instant(self, key: int) -> int:
+        return key * self.period + self.offset
+
+    def last_key_before(self, key: int, since: int) -> int | None:
+        return key - 1 if self.key_instant(key - 1) >= since else None
 
     def jitter_limit(self) -> tuple[int, str]:
         return self.period, "the period"

@@ -68,6 +68,16 @@ def _read_runs(files: list[Path]) -> tuple[list[tuple[int, int]], set[int]]:
     return runs, ready
 
 
+def _deadlines(files: list[Path]) -> list[tuple[int, float]]:
+    """The (tick, deadline passed to the store) of every run the workers wrote."""
+    return [
+        (int(fields[2]), float(fields[3]))
+        for file in files
+        for fields in (line.split() for line in file.read_text().splitlines())
+        if fields[0] == "run" and fields[3] != "None"
+    ]
+
+
 def _start_workers(
     kind: str, target: str, task: str, files: list[Path], *extra: str
 ) -> list[subprocess.Popen[bytes]]:
@@ -260,7 +270,9 @@ def test_a_worker_frozen_longer_than_the_claim_ttl_does_not_rerun_the_tick_it_wa
 
 JITTER_PERIOD = 0.6
 JITTER_TICKS = 6
-DEADLINE = ("--deadline",)  # how the claims reach the store (empty: as before issue 14)
+# How the claims reach the store: with the deadline the loop computed. ("--no-deadline",)
+# drops it in the worker's store wrapper: then this test fails (B runs ticks A ran).
+DEADLINE = ("--deadline",)
 
 
 def _jitter_and_stall(kind: str, target: str, folder: Path) -> None:
@@ -268,10 +280,11 @@ def _jitter_and_stall(kind: str, target: str, folder: Path) -> None:
     # time, worker B's event loop is blocked 0.17 s just before every tick (less than half the
     # ttl, so B's task does not think itself late) and then B waits a jitter of up to 0.35 s:
     # B's claims reach the store up to 0.52 s after the tick, after A's claim made at the tick
-    # would have expired. Each claim passes its tick's deadline to the store, which refuses a
-    # claim arriving after deadline + ttl and keeps the first one until then. Without the
-    # deadline B ran about 4 ticks in 10 a second time; with both workers jittered, as in the
-    # issue, about 1 in 9 (bench/duplicates.py runs that case for 200 ticks).
+    # would have expired. The loop passes each claim its tick's deadline, computed from the
+    # tick's key, and the store refuses a claim arriving after deadline + ttl and keeps the
+    # first one until then. Without the deadline B ran about 4 ticks in 10 a second time; with
+    # both workers jittered, as in the issue, about 1 in 9 (bench/duplicates.py runs that case
+    # for 200 ticks).
     task = f"jitter-{kind}-{uuid.uuid4().hex[:8]}"
     files = [folder / f"worker-{name}.log" for name in "ab"]
     common = ["--period", str(JITTER_PERIOD), "--claim-ttl", "0.36", *DEADLINE]
@@ -289,6 +302,10 @@ def _jitter_and_stall(kind: str, target: str, folder: Path) -> None:
     runs, _ = _read_runs(files)
     per_tick = Counter(tick for _, tick in runs)
     window = range(first, first + JITTER_TICKS)
+    # The deadline the loop passed is the tick's due instant, from its key: key × period.
+    passed = _deadlines(files)
+    assert passed
+    assert all(d == pytest.approx(tick * JITTER_PERIOD, abs=1e-6) for tick, d in passed), passed
     duplicates = {t: per_tick[t] for t in window if per_tick[t] > 1}
     misses = [t for t in window if per_tick[t] == 0]
     print(f"\n{kind} jitter and stall: ticks={len(window)} duplicates={duplicates} misses={misses}")

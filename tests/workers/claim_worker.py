@@ -1,7 +1,7 @@
 """One worker process of tests/test_multiprocess.py: a job sharing a claim store.
 
     python claim_worker.py STORE TARGET TASK OUT [--period SECONDS] [--claim-ttl SECONDS]
-        [--jitter SECONDS] [--stall SECONDS] [--deadline]
+        [--jitter SECONDS] [--stall SECONDS] [--no-deadline]
 
 STORE is sqlite, redis or postgres; TARGET the file, URL or DSN. The worker writes
 ``ready <pid>`` to OUT once its task runs, then ``run <pid> <tick>`` for every run, and stops
@@ -9,8 +9,8 @@ gracefully on SIGTERM or SIGINT, as a ``uvicorn --workers N`` worker would.
 
 ``--stall S`` blocks the worker's event loop for S seconds starting 10 ms before every tick
 (a CPU-bound request handler, a long garbage collection), so its task wakes up late.
-``--deadline`` passes each tick's wall-clock deadline to the store's claim (``deadline=``),
-as the loop will once it is wired to it.
+The loop passes each tick's deadline to the claim (``deadline=``), and the store refuses a
+claim arriving after deadline + ttl; ``--no-deadline`` drops it on the way to the store.
 """
 
 from __future__ import annotations
@@ -31,20 +31,31 @@ STALL_BEFORE = 0.01  # a stall starts this long before the tick
 
 
 class Witness:
-    """A store that remembers the tick this process won last: the tick its job then runs."""
+    """A store that remembers the tick this process won last: the tick its job then runs.
 
-    def __init__(self, store: Store, period: float | None = None) -> None:
+    It takes ``deadline=`` as the stores of repeat_every.stores do, so the loop passes each
+    tick's deadline, computed from the tick's key; the witness forwards it to the store and
+    notes it beside the run (``run <pid> <tick> <deadline>``), for the test to check it. With
+    ``forward=False`` it drops the deadline: the store then decides as before issue 14, while
+    the loop still believes the store refuses late claims (the switch that shows the test can
+    fail).
+    """
+
+    def __init__(self, store: Store, forward: bool = True) -> None:
         self.store = store
         self.won: int | None = None
-        self.period = period  # with a period: pass the tick's deadline to the store
+        self.deadline: float | None = None
+        self.forward = forward
 
-    async def claim(self, task: str, tick: int, ttl: float) -> bool:
-        if self.period is None:
-            won = await self.store.claim(task, tick, ttl)
+    async def claim(
+        self, task: str, tick: int, ttl: float, *, deadline: float | None = None
+    ) -> bool:
+        if self.forward:
+            won = await self.store.claim(task, tick, ttl, deadline=deadline)
         else:
-            won = await self.store.claim(task, tick, ttl, deadline=tick * self.period)
+            won = await self.store.claim(task, tick, ttl)
         if won:
-            self.won = tick
+            self.won, self.deadline = tick, deadline
         return won
 
 
@@ -85,12 +96,12 @@ async def main(
     deadline: bool,
 ) -> None:
     store = make_store(kind, target)
-    witness = Witness(store, period if deadline else None)
+    witness = Witness(store, forward=deadline)
     pid = os.getpid()
 
     @repeat_every(seconds=period, store=witness, name=task, claim_ttl=claim_ttl, jitter=jitter)
     async def job() -> None:
-        out.write(f"run {pid} {witness.won}\n")
+        out.write(f"run {pid} {witness.won} {witness.deadline!r}\n")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -113,7 +124,7 @@ if __name__ == "__main__":
     parser.add_argument("--claim-ttl", type=float, default=None)
     parser.add_argument("--jitter", type=float, default=0.0)
     parser.add_argument("--stall", type=float, default=0.0)
-    parser.add_argument("--deadline", action="store_true")
+    parser.add_argument("--deadline", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     with open(args.out, "a", buffering=1) as results:  # a line per write: whole lines only
         asyncio.run(

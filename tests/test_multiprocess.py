@@ -329,3 +329,75 @@ def test_a_stalled_jittered_postgres_worker_never_runs_a_tick_twice(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
     _jitter_and_stall("postgres", postgres_server.dsn, tmp_path)
+
+
+# -- catch-up after a restart (issue 14) ---------------------------------------------------------
+
+CATCH_UP_PERIOD = 5.0  # long enough for three workers to start between two ticks
+
+
+def _after_next_boundary(period: float, margin: float = 0.05) -> int:
+    """Sleep until ``margin`` after the next tick of a ``period`` grid; that tick's key."""
+    tick = math.floor(time.time() / period) + 1
+    time.sleep(max(0.0, tick * period + margin - time.time()))
+    return tick
+
+
+def _fleet(
+    target: str, task: str, folder: Path, tag: str, *extra: str
+) -> tuple[list[Path], list[subprocess.Popen[bytes]]]:
+    files = [folder / f"{tag}-{i}.log" for i in range(3)]
+    workers = _start_workers(
+        "sqlite", target, task, files, "--period", str(CATCH_UP_PERIOD), *extra
+    )
+    return files, workers
+
+
+def _ticks_run(files: list[Path]) -> list[int]:
+    return sorted(tick for _, tick in _read_runs(files)[0])
+
+
+def test_a_tick_missed_while_the_fleet_was_down_runs_once_after_restart_with_catch_up(
+    tmp_path: Path,
+) -> None:
+    target = str(tmp_path / "claims.db")
+    task = f"catch-up-{uuid.uuid4().hex[:8]}"
+    grace = str(CATCH_UP_PERIOD - 1)
+
+    # 1. Three workers start just after tick A, which nobody ran: one of them catches it up.
+    tick_a = _after_next_boundary(CATCH_UP_PERIOD)
+    files_1, workers = _fleet(target, task, tmp_path, "first", "--catch-up", grace)
+    try:
+        give_up = time.monotonic() + 10
+        while not _ticks_run(files_1) and time.monotonic() < give_up:
+            time.sleep(0.05)
+        time.sleep(0.5)  # room for a second (wrong) catch-up run
+    finally:
+        _stop_workers(workers)
+    runs = _ticks_run(files_1)
+    assert runs.count(tick_a) == 1, runs  # caught up once, by one of the three
+    assert len(runs) == len(set(runs)), runs  # (a later tick, if the start was slow: once)
+
+    # 2. The fleet is down at tick B; restarted after it, it runs B once and not A again.
+    tick_b = _after_next_boundary(CATCH_UP_PERIOD)
+    files_2, workers = _fleet(target, task, tmp_path, "second", "--catch-up", grace)
+    try:
+        give_up = time.monotonic() + 10
+        while not _ticks_run(files_2) and time.monotonic() < give_up:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        _stop_workers(workers)
+    runs = _ticks_run(files_2)
+    assert runs.count(tick_b) == 1, runs
+    assert tick_a not in runs, runs
+    assert len(runs) == len(set(runs)), runs
+
+    # 3. Without catch-up, the tick missed during the downtime is not run.
+    tick_c = _after_next_boundary(CATCH_UP_PERIOD)
+    files_3, workers = _fleet(target, task, tmp_path, "third")
+    try:
+        time.sleep(1.0)
+    finally:
+        _stop_workers(workers)
+    assert tick_c not in _ticks_run(files_3)

@@ -1,7 +1,7 @@
 """One worker process of tests/test_multiprocess.py: a job sharing a claim store.
 
     python claim_worker.py STORE TARGET TASK OUT [--period SECONDS] [--claim-ttl SECONDS]
-        [--jitter SECONDS] [--stall SECONDS] [--no-deadline]
+        [--jitter SECONDS] [--stall SECONDS] [--no-deadline] [--catch-up GRACE]
 
 STORE is sqlite, redis or postgres; TARGET the file, URL or DSN. The worker writes
 ``ready <pid>`` to OUT once its task runs, then ``run <pid> <tick>`` for every run, and stops
@@ -11,6 +11,7 @@ gracefully on SIGTERM or SIGINT, as a ``uvicorn --workers N`` worker would.
 (a CPU-bound request handler, a long garbage collection), so its task wakes up late.
 The loop passes each tick's deadline to the claim (``deadline=``), and the store refuses a
 claim arriving after deadline + ttl; ``--no-deadline`` drops it on the way to the store.
+``--catch-up GRACE`` starts the task with ``catch_up=True, misfire_grace=GRACE``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ import time
 from typing import TextIO
 
 from repeat_every import repeat_every, run_tasks
-from repeat_every.stores import PostgresClaimStore, RedisClaimStore, SQLiteClaimStore
+from repeat_every.stores import (
+    PostgresClaimStore,
+    RedisClaimStore,
+    SQLiteClaimStore,
+    TaskStatus,
+)
 
 Store = SQLiteClaimStore | RedisClaimStore | PostgresClaimStore
 STALL_BEFORE = 0.01  # a stall starts this long before the tick
@@ -48,15 +54,24 @@ class Witness:
         self.forward = forward
 
     async def claim(
-        self, task: str, tick: int, ttl: float, *, deadline: float | None = None
+        self,
+        task: str,
+        tick: int,
+        ttl: float,
+        *,
+        deadline: float | None = None,
+        if_newest: bool = False,
     ) -> bool:
         if self.forward:
-            won = await self.store.claim(task, tick, ttl, deadline=deadline)
+            won = await self.store.claim(task, tick, ttl, deadline=deadline, if_newest=if_newest)
         else:
             won = await self.store.claim(task, tick, ttl)
         if won:
             self.won, self.deadline = tick, deadline
         return won
+
+    async def status(self, task: str) -> TaskStatus:
+        return await self.store.status(task)
 
 
 def make_store(kind: str, target: str) -> Store:
@@ -94,12 +109,21 @@ async def main(
     jitter: float,
     stall: float,
     deadline: bool,
+    catch_up: float | None = None,
 ) -> None:
     store = make_store(kind, target)
     witness = Witness(store, forward=deadline)
     pid = os.getpid()
 
-    @repeat_every(seconds=period, store=witness, name=task, claim_ttl=claim_ttl, jitter=jitter)
+    @repeat_every(
+        seconds=period,
+        store=witness,
+        name=task,
+        claim_ttl=claim_ttl,
+        jitter=jitter,
+        catch_up=catch_up is not None,
+        misfire_grace=catch_up,
+    )
     async def job() -> None:
         out.write(f"run {pid} {witness.won} {witness.deadline!r}\n")
 
@@ -125,6 +149,7 @@ if __name__ == "__main__":
     parser.add_argument("--jitter", type=float, default=0.0)
     parser.add_argument("--stall", type=float, default=0.0)
     parser.add_argument("--deadline", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--catch-up", type=float, default=None)
     args = parser.parse_args()
     with open(args.out, "a", buffering=1) as results:  # a line per write: whole lines only
         asyncio.run(
@@ -138,5 +163,6 @@ if __name__ == "__main__":
                 args.jitter,
                 args.stall,
                 args.deadline,
+                args.catch_up,
             )
         )

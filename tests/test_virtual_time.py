@@ -517,3 +517,27 @@ def test_the_marker_refuses_positional_and_unknown_arguments(tmp_path: Path) -> 
     assert "2 errors" in result.stdout, result.stdout
     assert "takes keyword arguments only" in result.stdout
     assert "unknown argument(s) strat; it takes start" in result.stdout
+
+
+async def test_a_clock_installed_inside_another_gives_the_outer_ones_timers_back() -> None:
+    ends: list[tuple[str, float]] = []
+
+    @repeat_every(seconds=100, name="inner")
+    async def inner_job() -> None:
+        await asyncio.sleep(5)
+        ends.append(("inner", asyncio.get_running_loop().time()))
+
+    @repeat_every(seconds=100, wait_first=10, name="outer")
+    async def outer_job() -> None:  # its run, and its sleep, begin after the inner clock left
+        await asyncio.sleep(5)
+        ends.append(("outer", asyncio.get_running_loop().time()))
+
+    with FakeClock(timeout=1) as outer:
+        outer_handle = outer_job()
+        with FakeClock() as inner:
+            inner_handle = inner_job()
+            await inner.advance(5)
+            inner_handle.cancel()
+        await outer.advance(15)
+        outer_handle.cancel()
+    assert ends == [("inner", 5.0), ("outer", 15.0)]

@@ -147,6 +147,9 @@ class LoopPatch:
         self._real_call_at = loop.call_at
         self._real_call_later = loop.call_later
         self._real_run_in_executor = loop.run_in_executor
+        # What the loop's instance held before (a clock installed inside another shadows the
+        # outer one's diversions, and gives them back when it goes).
+        self._previous = {name: _instance_attribute(loop, name) for name in self._NAMES}
         self.installed = False
 
     @property
@@ -168,8 +171,12 @@ class LoopPatch:
     def remove(self) -> None:
         """Give the loop its own methods back."""
         for name in self._NAMES:
+            previous = self._previous[name]
             with contextlib.suppress(AttributeError):
-                delattr(self.loop, name)
+                if previous is None:
+                    delattr(self.loop, name)
+                else:
+                    setattr(self.loop, name, previous)
         self.installed = False
 
     def _mine(self, scope: Scope | None) -> bool:
@@ -227,6 +234,14 @@ class LoopPatch:
             raise
         future.add_done_callback(lambda _: clock._thread_ended(scope))
         return future
+
+
+def _instance_attribute(loop: asyncio.AbstractEventLoop, name: str) -> Any:
+    """``name`` set on the loop instance itself (not its class), or ``None``."""
+    try:
+        return vars(loop).get(name)
+    except TypeError:  # no instance dict (uvloop)
+        return None
 
 
 def _counted_call(func: Callable[..., Any], *args: Any) -> Any:

@@ -152,11 +152,6 @@ class LoopPatch:
         self._previous = {name: _instance_attribute(loop, name) for name in self._NAMES}
         self.installed = False
 
-    @property
-    def real_call_at(self) -> Callable[..., asyncio.TimerHandle]:
-        """The loop's own ``call_at``."""
-        return self._real_call_at
-
     def install(self) -> bool:
         """Shadow the loop's methods; ``False`` if the loop does not allow it (uvloop)."""
         try:
@@ -178,9 +173,6 @@ class LoopPatch:
                 else:
                     setattr(self.loop, name, previous)
         self.installed = False
-
-    def _mine(self, scope: Scope | None) -> bool:
-        return scope is not None and scope.clock is self.clock
 
     def _time(self) -> float:
         scope = _scope.get()

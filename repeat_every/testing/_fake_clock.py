@@ -637,6 +637,7 @@ class FakeClock:
         """
         target = self._now + _check_seconds(seconds)
         loop = asyncio.get_running_loop()
+        ready = getattr(loop, "_ready", None)  # the loop's queue of callbacks to run
         with self._driving("advance"):
             await self._settle(loop)
             travel = self._follow_travel()
@@ -646,7 +647,9 @@ class FakeClock:
                     return
                 self._wake(due, loop)
                 await asyncio.sleep(0)  # the common case: the woken tasks ran and sleep again
-                if not self._quiet(loop):  # (called once per deadline: keep it cheap)
+                # (Once per deadline, so the common case is read without the lock: nothing
+                # awake, no thread at work, nothing ready to run.)
+                if (self._awake or self._busy or ready) and not self._quiet(loop):
                     await self._settle(loop)
 
     async def step(self) -> float | None:
@@ -780,16 +783,10 @@ class FakeClock:
         with self._lock:
             if self._busy:  # worker threads of runs at work
                 return False
-            awake = self._awake
-            if awake:
-                asleep = self._asleep
-                for activity in awake:
-                    if not activity.quiet(asleep.get(activity)) and _alive(activity.future):
-                        return False
-            else:
-                # A set never shrinks, and iterating it visits every slot it ever had: after
-                # 10,000 tasks started at once, a fresh one keeps each check O(woken).
-                self._awake = set()
+            asleep = self._asleep
+            for activity in self._awake:
+                if not activity.quiet(asleep.get(activity)) and _alive(activity.future):
+                    return False
             # Idle only if nothing at all is ready to run on the loop: a task woken by another
             # or by a cancellation, a callback on its way. Otherwise the clock could move on
             # (fire a timer, wake the next deadline) before code that acts at this instant ran.
@@ -842,6 +839,10 @@ class FakeClock:
         due: list[asyncio.Future[None] | VirtualTimer] = []
         moved_to_target = False
         with self._lock:
+            if not self._awake:
+                # A set never shrinks, and iterating it visits every slot it ever had: after
+                # 10,000 tasks started at once, a fresh one keeps each step O(woken).
+                self._awake = set()
             self._drop_dead()
             sleepers = self._sleepers
             timers = self._timers

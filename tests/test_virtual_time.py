@@ -541,3 +541,26 @@ async def test_a_clock_installed_inside_another_gives_the_outer_ones_timers_back
         await outer.advance(15)
         outer_handle.cancel()
     assert ends == [("inner", 5.0), ("outer", 15.0)]
+
+
+async def test_a_thread_future_cancelled_while_its_thread_sleeps_leaves_the_clock_usable(
+    fake_clock: FakeClock,
+) -> None:
+    outcomes: list[tuple[str, float]] = []
+
+    @repeat_every(seconds=60)
+    async def job() -> None:
+        try:  # the thread sleeps 100 virtual seconds; its future is cancelled at 5
+            await asyncio.wait_for(asyncio.to_thread(time.sleep, 100), timeout=5)
+        except asyncio.TimeoutError:
+            outcomes.append(("timeout", fake_clock.now))
+
+    handle = job()
+    await fake_clock.advance(5)
+    assert outcomes == [("timeout", 5.0)]
+    await fake_clock.advance(115)  # the parked thread wakes at 100 and counts for nothing
+    assert outcomes == [("timeout", 5.0), ("timeout", 65.0)]
+    assert handle.runs == 2
+    handle.cancel()
+    # The third run's thread is parked until 220 when the test ends: pytest-asyncio shuts the
+    # loop's executor down before the clock fixture is torn down, and that must not hang.

@@ -29,7 +29,7 @@ from .._schedule import NS, to_ns
 from .._task import PeriodicTask, TaskHandle
 from .._timebase import installed
 from . import _virtual
-from ._virtual import LoopPatch, Scope, ThreadSleep, VirtualTimer
+from ._virtual import LoopPatch, Scope, ThreadCount, ThreadSleep, VirtualTimer
 
 # How many times advance() yields to the event loop, waiting for woken tasks to go back to
 # sleep, before it falls back to waiting on a thread (needed for runs in worker threads).
@@ -341,10 +341,9 @@ class FakeClock:
             self._changed.notify_all()
             timers, self._timers = self._timers, []
             now = self._now
+        self._release_threads(timers)
         for _, _, item in timers:
-            if isinstance(item, ThreadSleep):
-                item.event.set()
-            elif not item._fired and not item._cancelled:
+            if isinstance(item, VirtualTimer) and not item._fired and not item._cancelled:
                 _realize(item, (item.deadline - now) / NS)
         for loop, patch in self._patches.items():
             if patch is not None and not loop.is_closed():
@@ -600,31 +599,51 @@ class FakeClock:
         self._waits -= 1
         self._notify()
 
-    def _thread_started(self, scope: Scope) -> None:
+    def _release_threads(self, timers: list[_TimerEntry] | None = None) -> None:
+        """Wake every thread parked in a virtual ``time.sleep`` at once (the clock or the loop
+        is going away: nothing would wake them any more)."""
+        with self._lock:
+            for _, _, item in self._timers if timers is None else timers:
+                if isinstance(item, ThreadSleep) and not item.event.is_set():
+                    self._wait_ended(item.scope)
+                    if item.count is not None:
+                        self._count_thread(item.count, ThreadCount.RELEASED)
+                    item.event.set()
+
+    def _thread_started(self, scope: Scope) -> ThreadCount:
         with self._lock:
             scope.busy += 1
             self._busy += 1
             self._current_activity_wakes()
             self._notify()
+        return ThreadCount(scope)
 
-    def _thread_ended(self, scope: Scope) -> None:
+    def _count_thread(self, count: ThreadCount, state: int) -> None:
+        """Move a worker thread's count to ``state``, keeping ``busy`` in step (under lock)."""
+        was_counted = count.state == ThreadCount.RUNNING
+        if count.state == ThreadCount.RELEASED:
+            return  # its future ended: the thread is none of the clock's business any more
+        count.state = state
+        change = (state == ThreadCount.RUNNING) - was_counted
+        count.scope.busy += change
+        self._busy += change
+        self._notify()
+
+    def _thread_ended(self, count: ThreadCount) -> None:
         with self._lock:
-            scope.busy -= 1
-            self._busy -= 1
-            self._notify()
+            self._count_thread(count, ThreadCount.RELEASED)
 
-    def _thread_sleep(self, scope: Scope, seconds: float, counted: bool) -> None:
+    def _thread_sleep(self, scope: Scope, seconds: float, count: ThreadCount | None) -> None:
         """``time.sleep(seconds)`` in a worker thread of ``scope``: park until advanced to."""
         with self._lock:
             if self._closed:
                 return
-            entry = ThreadSleep(self._now + to_ns(seconds), scope, counted)
+            entry = ThreadSleep(self._now + to_ns(seconds), scope, count)
             heapq.heappush(self._timers, (entry.deadline, next(self._seq), entry))
             scope.waits += 1
             self._waits += 1
-            if counted:
-                scope.busy -= 1
-                self._busy -= 1
+            if count is not None:
+                self._count_thread(count, ThreadCount.PARKED)
             self._notify()
         entry.event.wait()
 
@@ -869,9 +888,8 @@ class FakeClock:
                         continue
                     if isinstance(item, ThreadSleep):
                         self._wait_ended(item.scope)
-                        if item.counted:
-                            item.scope.busy += 1
-                            self._busy += 1
+                        if item.count is not None:
+                            self._count_thread(item.count, ThreadCount.RUNNING)
                         item.event.set()
                     else:
                         item._fired = True

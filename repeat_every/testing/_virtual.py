@@ -55,8 +55,26 @@ class Scope:
 
 _scope: contextvars.ContextVar[Scope | None] = virtual_scope
 
-# Whether the current worker thread was counted in its scope's ``busy`` when it was submitted.
+# The ThreadCount of the current worker thread, if it was submitted from a scope.
 _thread_state = threading.local()
+
+
+class ThreadCount:
+    """Whether one worker thread of a scope counts in its ``busy`` (states change under the
+    clock's lock).
+
+    ``RUNNING``: counted. ``PARKED``: in a virtual ``time.sleep``, not counted until the clock
+    wakes it. ``RELEASED``: its future ended (returned, raised, or was cancelled while the
+    thread went on): never counted again, whatever the thread does next. One token per call,
+    so that a future cancelled while its thread sleeps is not uncounted twice.
+    """
+
+    RUNNING, PARKED, RELEASED = 1, 2, 0
+    __slots__ = ("scope", "state")
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        self.state = ThreadCount.RUNNING
 
 
 def enter_scope(scope: Scope) -> None:
@@ -120,12 +138,12 @@ def run_timer(timer: VirtualTimer) -> None:
 class ThreadSleep:
     """A worker thread of a scope parked in a virtual ``time.sleep`` until ``deadline`` (ns)."""
 
-    __slots__ = ("counted", "deadline", "event", "scope")
+    __slots__ = ("count", "deadline", "event", "scope")
 
-    def __init__(self, deadline: int, scope: Scope, counted: bool) -> None:
+    def __init__(self, deadline: int, scope: Scope, count: ThreadCount | None) -> None:
         self.deadline = deadline
         self.scope = scope
-        self.counted = counted  # the thread was counted busy: count it busy again on waking
+        self.count = count  # None: a thread the scope never counted
         self.event = threading.Event()
 
 
@@ -138,7 +156,7 @@ class LoopPatch:
     scope, so the clock waits for them (and for nothing else that runs in threads).
     """
 
-    _NAMES = ("time", "call_at", "call_later", "run_in_executor")
+    _NAMES = ("time", "call_at", "call_later", "run_in_executor", "shutdown_default_executor")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: FakeClock) -> None:
         self.loop = loop
@@ -147,6 +165,7 @@ class LoopPatch:
         self._real_call_at = loop.call_at
         self._real_call_later = loop.call_later
         self._real_run_in_executor = loop.run_in_executor
+        self._real_shutdown_default_executor = loop.shutdown_default_executor
         # What the loop's instance held before (a clock installed inside another shadows the
         # outer one's diversions, and gives them back when it goes).
         self._previous = {name: _instance_attribute(loop, name) for name in self._NAMES}
@@ -173,6 +192,9 @@ class LoopPatch:
                 else:
                     setattr(self.loop, name, previous)
         self.installed = False
+
+    def _shutdown_default_executor(self, *args: Any, **kwargs: Any) -> Any:
+        return _shutdown_default_executor_of(self, *args, **kwargs)
 
     def _time(self) -> float:
         scope = _scope.get()
@@ -216,16 +238,24 @@ class LoopPatch:
         if scope is None or scope.clock is not self.clock:
             return self._real_run_in_executor(executor, func, *args)
         clock = self.clock
-        clock._thread_started(scope)
+        count = clock._thread_started(scope)
         try:
             future = self._real_run_in_executor(
-                executor, functools.partial(_counted_call, func), *args
+                executor, functools.partial(_counted_call, count, func), *args
             )
         except BaseException:
-            clock._thread_ended(scope)
+            clock._thread_ended(count)
             raise
-        future.add_done_callback(lambda _: clock._thread_ended(scope))
+        future.add_done_callback(lambda _: clock._thread_ended(count))
         return future
+
+
+async def _shutdown_default_executor_of(patch: LoopPatch, *args: Any, **kwargs: Any) -> None:
+    """The loop is ending (``asyncio.run``'s end, pytest-asyncio's teardown, before the clock
+    fixture's): threads parked in a virtual ``time.sleep`` return now, or the executor would
+    wait for them for ever."""
+    patch.clock._release_threads()
+    await patch._real_shutdown_default_executor(*args, **kwargs)
 
 
 def _instance_attribute(loop: asyncio.AbstractEventLoop, name: str) -> Any:
@@ -236,13 +266,13 @@ def _instance_attribute(loop: asyncio.AbstractEventLoop, name: str) -> Any:
         return None
 
 
-def _counted_call(func: Callable[..., Any], *args: Any) -> Any:
+def _counted_call(count: ThreadCount, func: Callable[..., Any], *args: Any) -> Any:
     """Run ``func`` in a worker thread that its scope counts as busy."""
-    _thread_state.counted = True
+    _thread_state.count = count
     try:
         return func(*args)
     finally:
-        _thread_state.counted = False
+        _thread_state.count = None
 
 
 # -- time.sleep ------------------------------------------------------------------------------
@@ -265,7 +295,7 @@ def _virtual_sleep(seconds: float | SupportsIndex) -> None:
     ):
         _real_sleep(seconds)
         return
-    scope.clock._thread_sleep(scope, seconds, getattr(_thread_state, "counted", False))
+    scope.clock._thread_sleep(scope, seconds, getattr(_thread_state, "count", None))
 
 
 def patch_time_sleep() -> None:

@@ -29,6 +29,7 @@ from ._durations import NS, to_ns
 from ._policy import RunTimeoutError
 from ._realtime import real_time
 from ._records import Outcome, RunRecord, TaskState
+from ._threads import executor
 from ._timebase import Clock, SleepFunc, TaskObserver, observer_of
 
 if TYPE_CHECKING:
@@ -72,16 +73,21 @@ class Runner:
         "_sleep",
         "cancel_requested",
         "clock",
+        "consecutive_failures",
         "elsewhere",
         "exception",
         "failures",
         "interrupting",
+        "last_duration",
         "last_exception",
+        "last_ok",
         "last_started",
         "loop",
         "next",
         "observer",
         "opts",
+        "paused",
+        "paused_ticks",
         "periodic",
         "retries",
         "runs",
@@ -113,6 +119,11 @@ class Runner:
         self.exception: BaseException | None = None  # what ended the loop
         self.next: Tick | None = None
         self.last_started: int | None = None  # monotonic ns of the last attempt's start
+        self.last_ok: int | None = None  # monotonic ns when the last successful run ended
+        self.last_duration: int | None = None  # ns from the last run's start to its end
+        self.consecutive_failures = 0  # failed runs since the last successful one
+        self.paused = False
+        self.paused_ticks = 0
         self.stop_requested = False
         self.cancel_requested = False
         self.sleeping = False
@@ -147,6 +158,8 @@ class Runner:
             wall = clock.wall() + (next_run - clock.monotonic())
             next_at = dt.datetime.fromtimestamp(wall, dt.timezone.utc)
         last = self.last_started
+        ok = self.last_ok
+        duration = self.last_duration
         return TaskState(
             name=self.name,
             running=not self.ended(),
@@ -163,6 +176,15 @@ class Runner:
             else dt.datetime.fromtimestamp(
                 clock.wall() - (clock.monotonic_ns() - last) / NS, dt.timezone.utc
             ),
+            last_success_at=None
+            if ok is None
+            else dt.datetime.fromtimestamp(
+                clock.wall() - (clock.monotonic_ns() - ok) / NS, dt.timezone.utc
+            ),
+            last_duration=None if duration is None else duration / NS,
+            consecutive_failures=self.consecutive_failures,
+            paused=self.paused,
+            paused_ticks=self.paused_ticks,
         )
 
     def stop(self) -> None:
@@ -204,6 +226,60 @@ class Runner:
             self._logger().error("%s: the loop crashed", self.name, exc_info=error)
             self._end_with(error)
 
+    def in_run(self) -> bool:
+        """Whether a run is in progress (the loop is alive and not waiting for a tick)."""
+        return self.next is None and not self.ended()
+
+    async def close(self, timeout: int | None, announce: bool) -> None:
+        """Stop, then wait for the end: for ever (``timeout`` None) or ``timeout`` ns.
+
+        Past the timeout the loop is cancelled: an ``async def`` run is cancelled with it; a
+        ``def`` run, which nothing can interrupt, is abandoned in its (daemon) worker thread.
+        Each task given up on is logged, by name. ``announce`` logs the wait itself first
+        (`run_tasks` logs one line for all its tasks instead).
+        """
+        in_run = self.in_run()
+        self.stop()
+        if timeout is None:
+            await self.join()
+            return
+        if in_run and announce:
+            self._logger().info(
+                "%s: waiting up to %g s for its run in progress to finish", self.name, timeout / NS
+            )
+        if not await self._join_within(timeout):
+            self._give_up(timeout)
+            await self.join()
+
+    async def _join_within(self, timeout: int) -> bool:
+        """Wait up to ``timeout`` ns (on the task's clock) for the loop to end; whether it did."""
+        if self.ended():
+            return True
+        timer = self.loop.create_task(_sleep(self.clock, timeout / NS))
+        if self.observer is not None:
+            self.observer.track(timer)
+        try:
+            await asyncio.wait((self.task, timer), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            timer.cancel()
+            raise
+        timer.cancel()
+        await asyncio.wait((timer,))
+        return self.ended()
+
+    def _give_up(self, timeout: int) -> None:
+        in_thread = not self.periodic._is_async and not self.periodic._thread_run.done()
+        self._logger().warning(
+            "%s: still running %g s after it was asked to stop; %s",
+            self.name,
+            timeout / NS,
+            "abandoning its run in its worker thread (a def job cannot be interrupted; the "
+            "daemon thread finishes in the background or ends with the process)"
+            if in_thread
+            else "cancelling it",
+        )
+        self.cancel()
+
     def _elsewhere_thread(self) -> bool:
         try:
             return asyncio.get_running_loop() is not self.loop
@@ -240,6 +316,9 @@ class Runner:
                     await self._asleep(remaining, sleep)
                     self.sleeping = False
                     t = now()
+                if self.paused:  # pause(): the tick is not run (nor claimed), only counted
+                    tick = self._paused_tick(plan, tick, t)
+                    continue
                 # Claim (with a store), after the jitter, so peers claim as far apart as they
                 # start; a worker that woke too late for its tick skips it.
                 if store is not None:
@@ -262,6 +341,7 @@ class Runner:
                 self.next = None
                 # Attempts: the call, then retries while the policy allows.
                 attempt = 1
+                run_started = t
                 while True:
                     self.last_started = t
                     started_wall = self.clock.wall() if records else 0.0
@@ -288,7 +368,12 @@ class Runner:
                     attempt += 1
                     t = now()
                 # Report a failure (log, on_exception, raise_exceptions), then plan the next.
-                if error is not None:
+                run_ended = now()
+                self.last_duration = run_ended - run_started
+                if error is None:
+                    self.last_ok = run_ended
+                    self.consecutive_failures = 0
+                else:
                     await self._report(error)
                 self.runs += 1
                 if opts.max_repetitions is not None and self.runs >= opts.max_repetitions:
@@ -340,6 +425,12 @@ class Runner:
         if sys.version_info >= (3, 11):
             self.task.uncancel()
         return True
+
+    def _paused_tick(self, plan: Plan, tick: Tick, now: int) -> Tick:
+        """Count the due ``tick`` (and any the pause slept through) as paused; the next one."""
+        following, covered = plan.after(tick, now)
+        self.paused_ticks += 1 + covered
+        return following
 
     def _stopping(self) -> bool:
         # A method, not the attribute: stop() may set it while the loop awaits (mypy narrows).
@@ -456,7 +547,10 @@ class Runner:
             await asyncio.wrap_future(busy)
         returned: concurrent.futures.Future[None] = concurrent.futures.Future()
         periodic._thread_run = returned
-        future = in_thread(self.loop, _run_then_set, returned, periodic._func)
+        # Shielded: cancelling the loop (cancel(), a shutdown timeout) abandons the thread's
+        # future instead of marking it cancelled while the thread still works (which would
+        # tell a FakeClock the thread was done), and still retrieves its late exception.
+        future = asyncio.shield(in_thread(self.loop, _run_then_set, returned, periodic._func))
         timeout = self.opts.timeout_ns
         result = await (future if timeout is None else self._with_timeout(future, timeout, True))
         if inspect.isawaitable(result):
@@ -581,6 +675,7 @@ class Runner:
         """A run failed (after its retries): count it, log it, call on_exception."""
         opts = self.opts
         self.failures += 1
+        self.consecutive_failures += 1
         self.last_exception = error
         self._logger().error("%s: run %d failed: %r", self.name, self.runs, error, exc_info=error)
         if opts.on_exception is not None:
@@ -629,9 +724,13 @@ async def call_hook(hook: Callable[..., Any], *args: Any) -> None:
 def in_thread(
     loop: asyncio.AbstractEventLoop, func: Callable[..., Any], *args: Any
 ) -> asyncio.Future[Any]:
-    """Run ``func(*args)`` in the default executor, in a copy of the current context."""
+    """Run ``func(*args)`` in a daemon worker thread, in a copy of the current context.
+
+    Daemon threads (see `._threads`): a job stuck in its thread never keeps the process alive
+    once the event loop is over.
+    """
     return loop.run_in_executor(
-        None, contextvars.copy_context().run, _no_stop_iteration, func, *args
+        executor(), contextvars.copy_context().run, _no_stop_iteration, func, *args
     )
 
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
+from ._durations import Seconds, duration_ns
 from ._records import TaskState
 from ._runner import Runner, in_thread
 from ._runner import log as log
@@ -28,6 +29,10 @@ R = TypeVar("R")
 # Every running loop, so none is garbage-collected while it runs (asyncio keeps only weak
 # references to tasks). A handle leaves the set when its loop ends.
 _RUNNING: set[TaskHandle] = set()
+
+# The same handles by name, in start order (several per name only with a claim store): how
+# get_handle and the unique-name rule find them without scanning every running loop.
+_BY_NAME: dict[str, list[TaskHandle]] = {}
 
 _RETURNED: concurrent.futures.Future[None] = concurrent.futures.Future()
 _RETURNED.set_result(None)
@@ -114,6 +119,15 @@ class PeriodicTask(Generic[R]):
                 f"{self.name} is already running in this event loop; stop it first "
                 "(handle.stop()) or use its handle (task.handle)"
             )
+        if self._options.store is None:
+            for other in _alive(self.name):
+                if other._runner.opts.store is None:
+                    raise RuntimeError(
+                        f"a task named {self.name!r} is already running in this process; "
+                        "names of tasks without a claim store are unique per process (give "
+                        "this one another name=, or stop the other first: "
+                        f"repeat_every.get_handle({self.name!r}).stop())"
+                    )
         handle = TaskHandle(self, self._options.timebase or default_timebase(), loop)
         self._handle = handle
         return handle
@@ -167,9 +181,10 @@ class TaskHandle:
     def __init__(self, task: PeriodicTask[Any], clock: Clock, loop: asyncio.AbstractEventLoop):
         self._runner = Runner(task, clock, loop, self._ended)
         _RUNNING.add(self)
+        _BY_NAME.setdefault(task.name, []).append(self)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        _RUNNING.discard(self)
+        _forget(self)
         self._runner.crashed(task)
 
     @property
@@ -224,6 +239,21 @@ class TaskHandle:
         return None if tick is None else tick.deadline / 1_000_000_000
 
     @property
+    def consecutive_failures(self) -> int:
+        """Failed runs since the last successful one (0 after a success)."""
+        return self._runner.consecutive_failures
+
+    @property
+    def paused(self) -> bool:
+        """Whether the task is paused (see `pause`)."""
+        return self._runner.paused
+
+    @property
+    def paused_ticks(self) -> int:
+        """Ticks that came while the task was paused, and were not run."""
+        return self._runner.paused_ticks
+
+    @property
     def running(self) -> bool:
         """Whether the loop is still alive."""
         return not self._runner.ended()
@@ -255,6 +285,17 @@ class TaskHandle:
         """End the loop now, cancelling an ``async def`` run in progress. Safe from any thread."""
         self._runner.cancel()
 
+    def pause(self) -> None:
+        """Run no tick until `resume`: each tick that comes meanwhile is counted in
+        `paused_ticks` and not run (nor claimed, with a claim store: another worker may take
+        it). A run in progress finishes; the loop keeps its schedule and stays alive.
+        """
+        self._runner.paused = True
+
+    def resume(self) -> None:
+        """Undo `pause`: the next tick on the schedule runs (missed ones are not caught up)."""
+        self._runner.paused = False
+
     async def wait(self) -> None:
         """Wait for the loop to end; re-raise the exception that ended it, if any.
 
@@ -271,10 +312,18 @@ class TaskHandle:
         if runner.exception is not None:
             raise runner.exception
 
-    async def aclose(self) -> None:
-        """`stop`, then wait for the end without raising (failures were reported)."""
-        self.stop()
-        await self._runner.join()
+    async def aclose(self, timeout: Seconds | None = None) -> None:
+        """`stop`, then wait for the end without raising (failures were reported).
+
+        ``timeout`` (seconds or a ``timedelta``, on the task's clock) bounds the wait for a run
+        in progress; ``None``, the default, waits for as long as the run takes. Past it the
+        loop is cancelled: an ``async def`` run is cancelled with it, a ``def`` run is
+        abandoned in its worker thread (nothing can interrupt a thread; it is a daemon thread,
+        so it does not keep the process alive). The wait and the abandon are logged, naming
+        the task.
+        """
+        ns = None if timeout is None else duration_ns(timeout, "timeout", allow_zero=True)
+        await self._runner.close(ns, announce=True)
 
     def __await__(self) -> Generator[Any, None, TaskHandle]:
         return self._started().__await__()
@@ -287,6 +336,36 @@ class TaskHandle:
         return f"<TaskHandle {self.name} {status} runs={self.runs} failures={self.failures}>"
 
 
+def _forget(handle: TaskHandle) -> None:
+    _RUNNING.discard(handle)
+    same = _BY_NAME.get(handle.name)
+    if same is not None and handle in same:
+        same.remove(handle)
+        if not same:
+            del _BY_NAME[handle.name]
+
+
+def _alive(name: str) -> list[TaskHandle]:
+    """The handles of the loops of ``name`` alive in this process, oldest first."""
+    alive = []
+    for handle in list(_BY_NAME.get(name, ())):
+        if handle._runner.loop.is_closed():
+            _forget(handle)
+        elif not handle.done:
+            alive.append(handle)
+    return alive
+
+
+def get_handle(name: str) -> TaskHandle | None:
+    """The handle of the running task named ``name`` in this process, or ``None`` if none is.
+
+    Without a claim store a name runs at most once per process. With one, several loops may
+    share a name (the name is the claim key workers share): this is the most recently started.
+    """
+    alive = _alive(name)
+    return alive[-1] if alive else None
+
+
 def running_handles() -> frozenset[TaskHandle]:
     """Every loop alive in this process (all event loops)."""
     # A loop that has just ended leaves _RUNNING only when its done callback runs, one event
@@ -295,7 +374,7 @@ def running_handles() -> frozenset[TaskHandle]:
     alive = set()
     for handle in list(_RUNNING):
         if handle._runner.loop.is_closed():
-            _RUNNING.discard(handle)
+            _forget(handle)
         elif not handle.done:
             alive.add(handle)
     return frozenset(alive)

@@ -74,15 +74,19 @@ class Runner:
         "cancel_requested",
         "clock",
         "consecutive_failures",
+        "context",
         "elsewhere",
         "exception",
         "failures",
+        "held",
+        "in_tick",
         "interrupting",
         "last_duration",
         "last_exception",
         "last_ok",
         "last_started",
         "loop",
+        "manual",
         "next",
         "observer",
         "opts",
@@ -95,6 +99,7 @@ class Runner:
         "sleeping",
         "stop_requested",
         "task",
+        "tick_waiter",
         "waiters",
     )
 
@@ -124,6 +129,14 @@ class Runner:
         self.consecutive_failures = 0  # failed runs since the last successful one
         self.paused = False
         self.paused_ticks = 0
+        # Controls (see the methods that set them): ``held`` is true while the loop must not
+        # start a tick's run (paused, or a run_now() run in progress: ``manual``); ``in_tick``
+        # from the moment the loop takes a due tick until it waits for the next one.
+        self.held = False
+        self.in_tick = False
+        self.manual: asyncio.Task[RunRecord] | None = None
+        self.tick_waiter: asyncio.Future[None] | None = None  # run_now() waiting for in_tick
+        self.context: contextvars.Context | None = None  # the loop's, once it has started
         self.stop_requested = False
         self.cancel_requested = False
         self.sleeping = False
@@ -226,9 +239,136 @@ class Runner:
             self._logger().error("%s: the loop crashed", self.name, exc_info=error)
             self._end_with(error)
 
+    def pause(self, paused: bool) -> None:
+        self.paused = paused
+        self.held = paused or self.manual is not None
+
+    async def run_now(self) -> RunRecord:
+        """One run now, in the loop's context, never overlapping one of the loop's runs."""
+        if self._elsewhere_thread():
+            raise RuntimeError(
+                f"{self.name}: run_now() must be awaited in the event loop the task runs in"
+            )
+        while True:
+            if self.ended() or self.stop_requested or self.context is None:
+                raise RuntimeError(
+                    f"{self.name}: run_now() needs a running task, and this one has "
+                    + ("not started its loop yet" if self.context is None else "stopped")
+                    + " (to run the job's body alone, await task.call())"
+                )
+            if self.manual is not None:
+                await asyncio.wait((self.manual,))
+            elif self.in_tick:
+                if self.tick_waiter is None:
+                    self.tick_waiter = self.loop.create_future()
+                await asyncio.shield(self.tick_waiter)
+            else:
+                break
+        manual = self.context.run(self._start_manual)
+        self.manual = manual
+        self.held = True
+        try:
+            return await manual
+        finally:
+            if self.manual is manual:
+                self.manual = None
+                self.held = self.paused
+
+    def _start_manual(self) -> asyncio.Task[RunRecord]:
+        task = self.loop.create_task(self._manual_run(), name=f"repeat_every:{self.name}:now")
+        if self.observer is not None:
+            self.observer.track(task)  # in the loop's context: in its FakeClock scope
+        return task
+
+    async def _manual_run(self) -> RunRecord:
+        """The attempts of a run_now() run: the loop's call, timeout and retry; no claim."""
+        from ._schedule import Tick
+
+        clock = self.clock
+        call = self._choose_call()
+        func = self.periodic._func
+        retry = self.opts.retry
+        started = clock.monotonic_ns()
+        tick = Tick(started, -1)
+        attempt = 1
+        while True:
+            t = clock.monotonic_ns()
+            self.last_started = t
+            error: BaseException | None = None
+            try:
+                if call is None:
+                    await func()
+                else:
+                    await call()
+            except Exception as exc:
+                error = exc
+            except asyncio.CancelledError as exc:
+                self._manual_record(tick, attempt, t, exc)
+                raise
+            record = self._manual_record(tick, attempt, t, error)
+            if error is None or retry is None or self.stop_requested:
+                break
+            if attempt >= retry.attempts or not isinstance(error, retry.on):
+                break
+            self.retries += 1
+            delay = retry.delay(attempt, self._rng())
+            self._logger().warning(
+                "%s: attempt %d failed (%r); retrying in %g s",
+                self.name,
+                attempt,
+                error,
+                delay,
+                exc_info=error,
+            )
+            await clock.sleep(delay)
+            attempt += 1
+        ended = clock.monotonic_ns()
+        self.last_duration = ended - started
+        if error is None:
+            self.last_ok = ended
+            self.consecutive_failures = 0
+        else:
+            try:
+                await self._report(error)
+            except _LoopEnd as end:  # raise_exceptions, or on_exception raised: the loop ends
+                self.stop()
+                self._end_with(end.error)
+        self.runs += 1
+        if self.opts.max_repetitions is not None and self.runs >= self.opts.max_repetitions:
+            self.stop()
+        return record
+
+    def _manual_record(
+        self, tick: Tick, attempt: int, started: int, error: BaseException | None
+    ) -> RunRecord:
+        outcome: Outcome
+        if error is None:
+            outcome = "ok"
+        elif isinstance(error, asyncio.CancelledError):
+            outcome = "cancelled"
+        elif isinstance(error, RunTimeoutError):
+            outcome = "timeout"
+        else:
+            outcome = "failed"
+        record = RunRecord(
+            self.name,
+            self.runs,
+            attempt,
+            started / NS,
+            started / NS,
+            self.clock.monotonic(),
+            outcome,
+            error,
+            self.clock.wall() - (self.clock.monotonic_ns() - started) / NS,
+        )
+        if self.observer is not None and self.observer.wants_records:
+            self.observer.run_finished(record)
+        return record
+
     def in_run(self) -> bool:
-        """Whether a run is in progress (the loop is alive and not waiting for a tick)."""
-        return self.next is None and not self.ended()
+        """Whether a run is in progress: the loop's (alive and not waiting for a tick) or a
+        run_now() run."""
+        return (self.next is None and not self.ended()) or self.manual is not None
 
     async def close(self, timeout: int | None, announce: bool) -> None:
         """Stop, then wait for the end: for ever (``timeout`` None) or ``timeout`` ns.
@@ -242,33 +382,44 @@ class Runner:
         self.stop()
         if timeout is None:
             await self.join()
+            if self.manual is not None:
+                await asyncio.wait((self.manual,))
             return
         if in_run and announce:
             self._logger().info(
                 "%s: waiting up to %g s for its run in progress to finish", self.name, timeout / NS
             )
         if not await self._join_within(timeout):
+            manual = self.manual
             self._give_up(timeout)
             await self.join()
+            if manual is not None:
+                await asyncio.wait((manual,))
 
     async def _join_within(self, timeout: int) -> bool:
-        """Wait up to ``timeout`` ns (on the task's clock) for the loop to end; whether it did."""
-        if self.ended():
+        """Wait up to ``timeout`` ns (on the task's clock) for the loop and a run_now() run to
+        end; whether they did."""
+        pending = {f for f in (self.task, self.manual) if f is not None and not f.done()}
+        if not pending:
             return True
         timer = self.loop.create_task(_sleep(self.clock, timeout / NS))
         if self.observer is not None:
             self.observer.track(timer)
         try:
-            await asyncio.wait((self.task, timer), return_when=asyncio.FIRST_COMPLETED)
+            while pending and not timer.done():
+                done, _ = await asyncio.wait(pending | {timer}, return_when=asyncio.FIRST_COMPLETED)
+                pending -= done
         except asyncio.CancelledError:
             timer.cancel()
             raise
         timer.cancel()
         await asyncio.wait((timer,))
-        return self.ended()
+        return not pending
 
     def _give_up(self, timeout: int) -> None:
         in_thread = not self.periodic._is_async and not self.periodic._thread_run.done()
+        if self.manual is not None:
+            self.manual.cancel()
         self._logger().warning(
             "%s: still running %g s after it was asked to stop; %s",
             self.name,
@@ -301,6 +452,7 @@ class Runner:
         plan = opts.schedule.plan(self.clock)
         now, sleep = self.clock.hot_path()  # once, inside the task, before the first sleep
         self._sleep = sleep
+        self.context = contextvars.copy_context()  # run_now() runs in it (a FakeClock's scope)
         observer = self.observer
         records = observer is not None and observer.wants_records
         store, jitter, retry = opts.store, opts.jitter_ns, opts.retry
@@ -311,14 +463,18 @@ class Runner:
             tick = plan.first(t)
             while True:
                 self.next = tick
+                if self.in_tick:
+                    self._tick_over()
                 # Wait until the tick is due, re-checking: early wake-ups and clock jumps.
                 while (remaining := plan.remaining(tick, t)) > 0:
                     await self._asleep(remaining, sleep)
                     self.sleeping = False
                     t = now()
-                if self.paused:  # pause(): the tick is not run (nor claimed), only counted
-                    tick = self._paused_tick(plan, tick, t)
+                if self.held:  # paused, or run_now() in progress: this tick is not run
+                    tick = await self._held_tick(plan, tick, t)
+                    t = now()
                     continue
+                self.in_tick = True
                 # Claim (with a store), after the jitter, so peers claim as far apart as they
                 # start; a worker that woke too late for its tick skips it.
                 if store is not None:
@@ -395,6 +551,7 @@ class Runner:
             return
         finally:
             self.next = None
+            self._tick_over()
         if opts.on_complete is not None:
             try:
                 await call_hook(opts.on_complete)
@@ -426,11 +583,32 @@ class Runner:
             self.task.uncancel()
         return True
 
-    def _paused_tick(self, plan: Plan, tick: Tick, now: int) -> Tick:
-        """Count the due ``tick`` (and any the pause slept through) as paused; the next one."""
+    async def _held_tick(self, plan: Plan, tick: Tick, now: int) -> Tick:
+        """The due ``tick`` is not run: paused (counted in ``paused_ticks``), or a run_now() run
+        is in progress (waited for; the tick is skipped as an overrun would skip it)."""
+        manual = self.manual
+        if manual is not None:
+            with self._waiting():
+                await asyncio.wait((manual,))
+            now = self.clock.monotonic_ns()
+            following, covered = plan.after(tick, now)
+            self.skipped += 1 + covered
+            self._logger().debug(
+                "%s: tick skipped: a run_now() run was in progress when it came", self.name
+            )
+            return following
         following, covered = plan.after(tick, now)
         self.paused_ticks += 1 + covered
         return following
+
+    def _tick_over(self) -> None:
+        """The loop is done with its tick (run, or not): wake a run_now() that waits for it."""
+        self.in_tick = False
+        waiter = self.tick_waiter
+        if waiter is not None:
+            self.tick_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _stopping(self) -> bool:
         # A method, not the attribute: stop() may set it while the loop awaits (mypy narrows).

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._durations import Seconds, duration_ns
-from ._records import TaskState
+from ._records import RunRecord, TaskState
 from ._runner import Runner, in_thread
 from ._runner import log as log
 from ._timebase import default_timebase
@@ -290,11 +290,25 @@ class TaskHandle:
         `paused_ticks` and not run (nor claimed, with a claim store: another worker may take
         it). A run in progress finishes; the loop keeps its schedule and stays alive.
         """
-        self._runner.paused = True
+        self._runner.pause(True)
 
     def resume(self) -> None:
         """Undo `pause`: the next tick on the schedule runs (missed ones are not caught up)."""
-        self._runner.paused = False
+        self._runner.pause(False)
+
+    async def run_now(self) -> RunRecord:
+        """Run the job once, now, outside the schedule; return its last attempt's record.
+
+        The run is the task's own: its ``timeout`` and ``retry`` apply (retries are not cut
+        short by the next tick), it is counted (``runs``, ``failures``, the state) and recorded
+        like any run, and a failure is reported as any failure is (logged, ``on_exception``).
+        It never overlaps another run: it waits for a run in progress (or another
+        ``run_now``) to end first, and a tick that comes while it runs is skipped, as an
+        overrun's would be. A paused task runs it too. There is no claim: with a claim store,
+        another worker may run the same job at the same time. Raises ``RuntimeError`` if the
+        loop has stopped. Cancelling the caller cancels an ``async def`` run.
+        """
+        return await self._runner.run_now()
 
     async def wait(self) -> None:
         """Wait for the loop to end; re-raise the exception that ended it, if any.

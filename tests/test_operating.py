@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib.util
 import logging
 import os
 import signal
@@ -18,11 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from servers import free_port
 
-from repeat_every import get_handle, lifespan, repeat_every, run_tasks, with_tasks
+from repeat_every import Retry, get_handle, lifespan, repeat_every, run_tasks, with_tasks
 from repeat_every.stores import SQLiteClaimStore
 from repeat_every.testing import FakeClock
+
+SRC = Path(__file__).resolve().parent.parent / "docs" / "src"
 
 
 class Boom(Exception):
@@ -419,3 +423,188 @@ def test_a_stuck_job_under_uvicorn_exits_within_shutdown_timeout_of_sigterm(
     assert f"stuck_app.stuck: still running 0.5 s after it was asked to stop; {gives_up}" in text
     assert "Application shutdown complete" in text
     assert "Traceback" not in text
+
+
+# -- run_now ---------------------------------------------------------------------------------------
+
+
+async def test_run_now_runs_at_once_outside_the_grid_and_counts_like_any_run(
+    fake_clock: FakeClock,
+) -> None:
+    ran: list[float] = []
+
+    @repeat_every(seconds=10, name="report")
+    async def report() -> None:
+        ran.append(fake_clock.now)
+
+    handle = report()
+    await fake_clock.advance(3)
+    record = await handle.run_now()
+    assert record.ok
+    assert (record.task, record.index, record.attempt, record.started) == ("report", 1, 1, 3.0)
+    assert ran == [0.0, 3.0]
+    assert handle.runs == 2
+    assert fake_clock.history.outcomes(report) == ["ok", "ok"]
+    await fake_clock.advance(7)  # the grid is unchanged: the next tick is still at 10
+    assert ran == [0.0, 3.0, 10.0]
+    await handle.aclose()
+
+
+async def test_run_now_waits_for_the_run_in_progress_instead_of_overlapping(
+    fake_clock: FakeClock,
+) -> None:
+    spans: list[tuple[float, float]] = []
+
+    @repeat_every(seconds=10, name="sync")
+    async def sync() -> None:
+        start = fake_clock.now
+        await asyncio.sleep(4)
+        spans.append((start, fake_clock.now))
+
+    handle = sync()
+    await fake_clock.advance(1)  # the tick-0 run is in progress until 4
+    manual = asyncio.create_task(handle.run_now())
+    await fake_clock.advance(9)  # the manual run starts at 4 and ends at 8
+    record = await manual
+    assert (record.started, record.ended) == (4.0, 8.0)
+    assert spans == [(0.0, 4.0), (4.0, 8.0)]  # the tick-10 run is in progress
+    handle.cancel()
+    await handle.wait()
+
+
+async def test_a_tick_that_comes_during_run_now_is_skipped_as_an_overrun(
+    fake_clock: FakeClock,
+) -> None:
+    starts: list[float] = []
+
+    @repeat_every(seconds=10, name="sync")
+    async def sync() -> None:
+        starts.append(fake_clock.now)
+        await asyncio.sleep(4)
+
+    handle = sync()
+    await fake_clock.advance(8)
+    manual = asyncio.create_task(handle.run_now())  # runs from 8 to 12: covers tick 10
+    await fake_clock.advance(16)
+    await manual
+    assert starts == [0.0, 8.0, 20.0]
+    assert handle.skipped == 1
+    assert handle.runs == 3
+    handle.cancel()
+    await handle.wait()
+
+
+async def test_run_now_applies_the_tasks_retry_and_reports_a_failure(
+    fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[float] = []
+
+    @repeat_every(seconds=3600, name="flaky", wait_first=True, retry=Retry(attempts=3, backoff=2))
+    async def flaky() -> None:
+        calls.append(fake_clock.now)
+        raise Boom
+
+    handle = flaky()
+    manual = asyncio.create_task(handle.run_now())
+    await fake_clock.advance(10)
+    record = await manual
+    assert calls == [0.0, 2.0, 6.0]  # backoff 2, then 4
+    assert (record.attempt, record.outcome) == (3, "failed")
+    assert isinstance(record.exception, Boom)
+    assert (handle.runs, handle.failures, handle.retries) == (1, 1, 2)
+    assert handle.consecutive_failures == 1
+    assert "flaky: run 0 failed: Boom()" in messages(caplog)
+    await handle.aclose()
+
+
+async def test_run_now_applies_the_tasks_timeout(fake_clock: FakeClock) -> None:
+    @repeat_every(seconds=3600, name="slow", wait_first=True, timeout=5)
+    async def slow() -> None:
+        await asyncio.sleep(60)
+
+    handle = slow()
+    manual = asyncio.create_task(handle.run_now())
+    await fake_clock.advance(5)
+    record = await manual
+    assert (record.outcome, record.started, record.ended) == ("timeout", 0.0, 5.0)
+    await handle.aclose()
+
+
+async def test_run_now_runs_a_def_job_of_a_paused_task(fake_clock: FakeClock) -> None:
+    ran: list[float] = []
+
+    @repeat_every(seconds=10, name="export")
+    def export() -> None:
+        time.sleep(2)
+        ran.append(fake_clock.now)
+
+    handle = export()
+    await fake_clock.advance(5)
+    handle.pause()
+    manual = asyncio.create_task(handle.run_now())
+    await fake_clock.advance(2)
+    record = await manual
+    assert record.ok
+    assert ran == [2.0, 7.0]
+    assert handle.paused  # still paused: the grid's ticks are not run
+    await fake_clock.advance(20)
+    assert ran == [2.0, 7.0]
+    await handle.aclose()
+
+
+async def test_run_now_of_a_stopped_task_says_so(fake_clock: FakeClock) -> None:
+    @repeat_every(seconds=10, name="job")
+    async def job() -> None: ...
+
+    handle = job()
+    await fake_clock.advance(1)
+    await handle.aclose()
+    with pytest.raises(RuntimeError, match=r"job: run_now\(\) needs a running task"):
+        await handle.run_now()
+
+
+async def test_shutdown_gives_up_on_a_run_now_run_past_the_timeout(
+    fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    @repeat_every(seconds=3600, name="stuck", wait_first=True)
+    async def stuck() -> None:
+        await asyncio.sleep(1000)
+
+    handle = stuck()
+    manual = asyncio.create_task(handle.run_now())
+    await fake_clock.advance(1)
+    closing = asyncio.create_task(handle.aclose(timeout=2))
+    await fake_clock.advance(2)
+    await closing
+    with pytest.raises(asyncio.CancelledError):
+        await manual
+    assert fake_clock.history.outcomes(stuck) == ["cancelled"]
+    assert "stuck: still running 2 s after it was asked to stop; cancelling it" in messages(caplog)
+
+
+# -- the example of docs/operating.md --------------------------------------------------------------
+
+
+def test_the_operating_example_runs_pauses_and_resumes_the_export(fake_clock: FakeClock) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "docs_src_operating_app", SRC / "operating_app.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with TestClient(example.app) as client:
+        fake_clock.run_due_blocking()
+        assert example.exported == [0]  # the run at startup
+        assert client.post("/tasks/export-orders/run").json() == {"outcome": "ok", "seconds": 0.0}
+        assert example.exported == [0, 1]
+        paused = client.post("/tasks/export-orders/pause").json()
+        assert (paused["paused"], paused["runs"]) == (True, 2)
+        fake_clock.advance_blocking(2 * 3600)
+        assert example.exported == [0, 1]
+        state = client.post("/tasks/export-orders/resume").json()
+        assert (state["paused"], state["paused_ticks"]) == (False, 2)
+        fake_clock.advance_blocking(3600)
+        assert example.exported == [0, 1, 2]
+        assert client.get("/tasks/nightly").status_code == 404
+    assert fake_clock.history.outcomes(example.export_orders) == ["ok", "ok", "ok"]

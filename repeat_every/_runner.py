@@ -34,7 +34,7 @@ from ._timebase import Clock, SleepFunc, TaskObserver, observer_of
 
 if TYPE_CHECKING:
     from ._options import TaskOptions
-    from ._schedule import Plan, Tick
+    from ._schedule import Plan, Schedule, Tick
     from ._task import PeriodicTask
 
 log = logging.getLogger("repeat_every")
@@ -93,8 +93,10 @@ class Runner:
         "paused",
         "paused_ticks",
         "periodic",
+        "replan",
         "retries",
         "runs",
+        "schedule",
         "skipped",
         "sleeping",
         "stop_requested",
@@ -137,6 +139,8 @@ class Runner:
         self.manual: asyncio.Task[RunRecord] | None = None
         self.tick_waiter: asyncio.Future[None] | None = None  # run_now() waiting for in_tick
         self.context: contextvars.Context | None = None  # the loop's, once it has started
+        self.schedule: Schedule = self.opts.schedule  # the latest given (reschedule())
+        self.replan: Schedule | None = None  # given, not yet in effect
         self.stop_requested = False
         self.cancel_requested = False
         self.sleeping = False
@@ -239,9 +243,25 @@ class Runner:
             self._logger().error("%s: the loop crashed", self.name, exc_info=error)
             self._end_with(error)
 
+    def reschedule(self, schedule: Schedule) -> None:
+        """Use ``schedule`` from the next tick on (the tick waited for now is replaced)."""
+        if self._elsewhere_thread():
+            self._call_soon_threadsafe(lambda: self.reschedule(schedule))
+            return
+        self.schedule = schedule
+        if self.ended():
+            return
+        self.replan = schedule
+        self.held = True
+        if self.sleeping and not self.in_tick and not self.stop_requested:
+            # Asleep until the old plan's tick: wake up now (not in a jitter or a backoff,
+            # which belong to a tick already taken; that tick's run goes on).
+            self.interrupting = True
+            self.task.cancel()
+
     def pause(self, paused: bool) -> None:
         self.paused = paused
-        self.held = paused or self.manual is not None
+        self.held = paused or self.manual is not None or self.replan is not None
 
     async def run_now(self) -> RunRecord:
         """One run now, in the loop's context, never overlapping one of the loop's runs."""
@@ -272,7 +292,7 @@ class Runner:
         finally:
             if self.manual is manual:
                 self.manual = None
-                self.held = self.paused
+                self.held = self.paused or self.replan is not None
 
     def _start_manual(self) -> asyncio.Task[RunRecord]:
         task = self.loop.create_task(self._manual_run(), name=f"repeat_every:{self.name}:now")
@@ -465,13 +485,23 @@ class Runner:
                 self.next = tick
                 if self.in_tick:
                     self._tick_over()
+                    if self.replan is not None:  # rescheduled during the run
+                        t = now()
+                        plan, tick = self._replanned(t)
+                        self.next = tick
                 # Wait until the tick is due, re-checking: early wake-ups and clock jumps.
                 while (remaining := plan.remaining(tick, t)) > 0:
-                    await self._asleep(remaining, sleep)
+                    try:
+                        await self._asleep(remaining, sleep)
+                    except asyncio.CancelledError:
+                        if self.replan is None or not self._interrupted_by_stop():
+                            raise
+                        t = now()  # reschedule() woke the wait: the new plan applies now
+                        break
                     self.sleeping = False
                     t = now()
-                if self.held:  # paused, or run_now() in progress: this tick is not run
-                    tick = await self._held_tick(plan, tick, t)
+                if self.held:  # paused, rescheduled or run_now() in progress: not this tick
+                    plan, tick = await self._held_tick(plan, tick, t)
                     t = now()
                     continue
                 self.in_tick = True
@@ -583,23 +613,41 @@ class Runner:
             self.task.uncancel()
         return True
 
-    async def _held_tick(self, plan: Plan, tick: Tick, now: int) -> Tick:
-        """The due ``tick`` is not run: paused (counted in ``paused_ticks``), or a run_now() run
-        is in progress (waited for; the tick is skipped as an overrun would skip it)."""
+    async def _held_tick(self, plan: Plan, tick: Tick, now: int) -> tuple[Plan, Tick]:
+        """The plan and tick to go on with instead of running ``tick``: rescheduled (the new
+        plan's first tick), paused (the tick is counted in ``paused_ticks``), or a run_now()
+        run in progress (waited for; the tick is skipped as an overrun would skip it)."""
+        if self.replan is not None:
+            return self._replanned(now)
         manual = self.manual
         if manual is not None:
             with self._waiting():
                 await asyncio.wait((manual,))
             now = self.clock.monotonic_ns()
+            if self._replan_pending():  # reschedule() while it waited
+                return self._replanned(now)
             following, covered = plan.after(tick, now)
             self.skipped += 1 + covered
             self._logger().debug(
                 "%s: tick skipped: a run_now() run was in progress when it came", self.name
             )
-            return following
+            return plan, following
         following, covered = plan.after(tick, now)
         self.paused_ticks += 1 + covered
-        return following
+        return plan, following
+
+    def _replan_pending(self) -> bool:
+        # A method, not the attribute: reschedule() may set it while the loop awaits.
+        return self.replan is not None
+
+    def _replanned(self, now: int) -> tuple[Plan, Tick]:
+        """Put the schedule reschedule() gave in effect: its plan, and its first tick."""
+        schedule = self.replan
+        assert schedule is not None
+        self.replan = None
+        self.held = self.paused or self.manual is not None
+        plan = schedule.plan(self.clock)
+        return plan, plan.first(now)
 
     def _tick_over(self) -> None:
         """The loop is done with its tick (run, or not): wake a run_now() that waits for it."""

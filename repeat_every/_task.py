@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import functools
 import sys
 from collections.abc import Awaitable, Callable, Generator
@@ -296,6 +297,30 @@ class TaskHandle:
         """Undo `pause`: the next tick on the schedule runs (missed ones are not caught up)."""
         self._runner.pause(False)
 
+    @property
+    def schedule(self) -> Schedule:
+        """When the loop runs: the task's schedule, or the one `reschedule` gave last."""
+        return self._runner.schedule
+
+    def reschedule(
+        self,
+        seconds: Seconds | None = None,
+        *,
+        cron: str | None = None,
+        tz: str | dt.tzinfo | None = None,
+    ) -> None:
+        """Change when the loop runs, from the next tick on.
+
+        ``seconds`` for a task of `repeat_every` (it keeps its kind: fixed rate, fixed delay,
+        or aligned to the wall clock); ``cron`` and/or ``tz`` for a task of `repeat_at` (the
+        one not given is kept). The tick the loop waits for is replaced: the next run comes
+        one new period from now (the next aligned multiple, the next cron fire time); a run
+        in progress finishes first. Checked as the decorator checks them (a ``jitter`` must
+        stay below the new period). Only this loop changes: a later start of the task uses
+        the decorator's schedule. Safe from any thread.
+        """
+        self._runner.reschedule(_rescheduled(self, seconds, cron, tz))
+
     async def run_now(self) -> RunRecord:
         """Run the job once, now, outside the schedule; return its last attempt's record.
 
@@ -348,6 +373,48 @@ class TaskHandle:
     def __repr__(self) -> str:
         status = "running" if self.running else "ended"
         return f"<TaskHandle {self.name} {status} runs={self.runs} failures={self.failures}>"
+
+
+def _rescheduled(handle: TaskHandle, seconds: object, cron: object, tz: object) -> Schedule:
+    """The schedule ``handle.reschedule(...)`` asks for, checked (errors name the argument)."""
+    from ._cron import Cron, zone_of
+    from ._decorator import MIN_PERIOD_NS
+    from ._schedule import AlignedRate, FixedDelay, FixedRate
+
+    current = handle._runner.schedule
+    schedule: Schedule
+    if isinstance(current, Cron):
+        if seconds is not None or (cron is None and tz is None):
+            raise TypeError(
+                f"{handle.name} runs on a cron expression: reschedule it with cron= and/or "
+                "tz= (e.g. handle.reschedule(cron='*/5 * * * *'))"
+            )
+        expression = current.expression if cron is None else cron
+        if not isinstance(expression, str):
+            raise TypeError(f"cron must be a string such as '0 9 * * *', not {expression!r}")
+        schedule = Cron(expression, current.tz if tz is None else zone_of(tz))
+    else:
+        if cron is not None or tz is not None or seconds is None:
+            raise TypeError(
+                f"{handle.name} runs every so many seconds: reschedule it with seconds= (e.g. "
+                "handle.reschedule(seconds=30)); cron= and tz= are for tasks of repeat_at"
+            )
+        period = duration_ns(seconds, "seconds", at_least_ns=MIN_PERIOD_NS)
+        if isinstance(current, AlignedRate):
+            schedule = AlignedRate(period, current.offset)
+        elif isinstance(current, FixedDelay):
+            schedule = FixedDelay(period, period)
+        else:
+            schedule = FixedRate(period, period)
+    jitter = handle._runner.opts.jitter_ns
+    if jitter:
+        limit, what = schedule.jitter_limit()
+        if jitter >= limit:
+            raise ValueError(
+                f"the task's jitter ({jitter / 1e9:g} s) must stay shorter than {what} "
+                f"({limit / 1e9:g} s): reschedule to a longer period"
+            )
+    return schedule
 
 
 def _forget(handle: TaskHandle) -> None:

@@ -22,7 +22,15 @@ import pytest
 from fastapi.testclient import TestClient
 from servers import free_port
 
-from repeat_every import Retry, get_handle, lifespan, repeat_every, run_tasks, with_tasks
+from repeat_every import (
+    Retry,
+    get_handle,
+    lifespan,
+    repeat_at,
+    repeat_every,
+    run_tasks,
+    with_tasks,
+)
 from repeat_every.stores import SQLiteClaimStore
 from repeat_every.testing import FakeClock
 
@@ -608,3 +616,85 @@ def test_the_operating_example_runs_pauses_and_resumes_the_export(fake_clock: Fa
         assert example.exported == [0, 1, 2]
         assert client.get("/tasks/nightly").status_code == 404
     assert fake_clock.history.outcomes(example.export_orders) == ["ok", "ok", "ok"]
+
+
+# -- reschedule ------------------------------------------------------------------------------------
+
+
+async def test_reschedule_replaces_the_tick_waited_for_with_the_new_period(
+    fake_clock: FakeClock,
+) -> None:
+    ran: list[float] = []
+
+    @repeat_every(seconds=3600, name="poll")
+    async def poll() -> None:
+        ran.append(fake_clock.now)
+
+    handle = poll()
+    await fake_clock.advance(100)
+    handle.reschedule(seconds=10)
+    assert handle.schedule.describe() == "every 10 s (fixed rate)"
+    await fake_clock.advance(30)
+    assert ran == [0.0, 110.0, 120.0, 130.0]
+    assert poll.schedule.describe() == "every 3600 s (fixed rate)"  # the decorator's is kept
+    await handle.aclose()
+
+
+async def test_reschedule_during_a_run_applies_after_it(fake_clock: FakeClock) -> None:
+    ran: list[float] = []
+
+    @repeat_every(seconds=10, name="poll", fixed_delay=True)
+    async def poll() -> None:
+        ran.append(fake_clock.now)
+        await asyncio.sleep(2)
+
+    handle = poll()
+    await fake_clock.advance(1)
+    handle.reschedule(seconds=5)
+    await fake_clock.advance(13)  # run 0 ends at 2; then every 5 s after each run ends
+    assert ran == [0.0, 7.0, 14.0]
+    assert handle.schedule.describe().startswith("every 5 s")
+    handle.cancel()
+    await handle.wait()
+
+
+@pytest.mark.fake_clock(start=dt.datetime(2030, 1, 7, 8, 0, tzinfo=dt.timezone.utc))
+async def test_reschedule_a_cron_task_with_a_new_expression_or_zone(fake_clock: FakeClock) -> None:
+    ran: list[dt.datetime] = []
+
+    @repeat_at(cron="0 9 * * *", name="report")  # 09:00 UTC
+    async def report() -> None:
+        ran.append(fake_clock.now_datetime)
+
+    handle = report()
+    await fake_clock.advance(60)
+    handle.reschedule(cron="30 8 * * *")
+    await fake_clock.advance(3600)
+    assert ran == [dt.datetime(2030, 1, 7, 8, 30, tzinfo=dt.timezone.utc)]
+    handle.reschedule(tz="Europe/Paris")  # 08:30 in Paris: 07:30 UTC, tomorrow
+    await fake_clock.advance(86400)
+    assert ran[1:] == [dt.datetime(2030, 1, 8, 7, 30, tzinfo=dt.timezone.utc)]
+    await handle.aclose()
+
+
+async def test_reschedule_refuses_what_does_not_fit_the_task(fake_clock: FakeClock) -> None:
+    @repeat_every(seconds=60, name="poll", jitter=20)
+    async def poll() -> None: ...
+
+    @repeat_at(cron="0 9 * * *", name="report")
+    async def report() -> None: ...
+
+    every, at = poll(), report()
+    with pytest.raises(TypeError, match=r"poll runs every so many seconds: reschedule it with"):
+        every.reschedule(cron="* * * * *")
+    with pytest.raises(ValueError, match=r"seconds must be finite and > 0, got -1"):
+        every.reschedule(seconds=-1)
+    with pytest.raises(ValueError, match=r"the task's jitter \(20 s\) must stay shorter"):
+        every.reschedule(seconds=10)
+    with pytest.raises(TypeError, match=r"report runs on a cron expression"):
+        at.reschedule(seconds=10)
+    with pytest.raises(TypeError, match=r"report runs on a cron expression"):
+        at.reschedule()
+    assert every.schedule.describe() == "every 60 s (fixed rate)"
+    await every.aclose()
+    await at.aclose()

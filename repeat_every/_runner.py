@@ -472,7 +472,12 @@ class Runner:
         plan = opts.schedule.plan(self.clock)
         now, sleep = self.clock.hot_path()  # once, inside the task, before the first sleep
         self._sleep = sleep
-        self.context = contextvars.copy_context()  # run_now() runs in it (a FakeClock's scope)
+        # run_now() runs in the loop's context (a FakeClock's scope): the task's own context
+        # where asyncio gives it (no copy per task), a copy of it before Python 3.12.
+        if sys.version_info >= (3, 12):
+            self.context = self.task.get_context()
+        else:
+            self.context = contextvars.copy_context()
         observer = self.observer
         records = observer is not None and observer.wants_records
         store, jitter, retry = opts.store, opts.jitter_ns, opts.retry

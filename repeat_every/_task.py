@@ -31,9 +31,10 @@ R = TypeVar("R")
 # references to tasks). A handle leaves the set when its loop ends.
 _RUNNING: set[TaskHandle] = set()
 
-# The same handles by name, in start order (several per name only with a claim store): how
-# get_handle and the unique-name rule find them without scanning every running loop.
-_BY_NAME: dict[str, list[TaskHandle]] = {}
+# The same handles by name: how get_handle and the unique-name rule find them without scanning
+# every running loop. A name maps to its handle, or (only with a claim store, when several
+# loops share it) to a list of them in start order: no list per task in the usual case.
+_BY_NAME: dict[str, TaskHandle | list[TaskHandle]] = {}
 
 _RETURNED: concurrent.futures.Future[None] = concurrent.futures.Future()
 _RETURNED.set_result(None)
@@ -182,7 +183,12 @@ class TaskHandle:
     def __init__(self, task: PeriodicTask[Any], clock: Clock, loop: asyncio.AbstractEventLoop):
         self._runner = Runner(task, clock, loop, self._ended)
         _RUNNING.add(self)
-        _BY_NAME.setdefault(task.name, []).append(self)
+        same = _BY_NAME.setdefault(task.name, self)
+        if same is not self:
+            if isinstance(same, list):
+                same.append(self)
+            else:
+                _BY_NAME[task.name] = [same, self]
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         _forget(self)
@@ -419,17 +425,23 @@ def _rescheduled(handle: TaskHandle, seconds: object, cron: object, tz: object) 
 
 def _forget(handle: TaskHandle) -> None:
     _RUNNING.discard(handle)
-    same = _BY_NAME.get(handle.name)
-    if same is not None and handle in same:
+    name = handle.name
+    same = _BY_NAME.get(name)
+    if same is handle:
+        del _BY_NAME[name]
+    elif isinstance(same, list) and handle in same:
         same.remove(handle)
-        if not same:
-            del _BY_NAME[handle.name]
+        if len(same) == 1:
+            _BY_NAME[name] = same[0]
 
 
 def _alive(name: str) -> list[TaskHandle]:
     """The handles of the loops of ``name`` alive in this process, oldest first."""
+    same = _BY_NAME.get(name)
+    if same is None:
+        return []
     alive = []
-    for handle in list(_BY_NAME.get(name, ())):
+    for handle in list(same) if isinstance(same, list) else [same]:
         if handle._runner.loop.is_closed():
             _forget(handle)
         elif not handle.done:

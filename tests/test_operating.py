@@ -272,12 +272,13 @@ async def test_tasks_sharing_a_claim_store_may_share_a_name(
 
         return job
 
-    first, second = worker(), worker()
-    handles = [first(), second()]  # type: ignore[operator]
+    handles = [worker()(), worker()(), worker()()]  # type: ignore[operator]
+    assert get_handle("job") is handles[2]
+    await handles[2].aclose()
+    assert get_handle("job") is handles[1]
+    await handles[0].aclose()
     assert get_handle("job") is handles[1]
     await handles[1].aclose()
-    assert get_handle("job") is handles[0]
-    await handles[0].aclose()
     assert get_handle("job") is None
 
 

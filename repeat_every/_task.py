@@ -48,11 +48,12 @@ class PeriodicTask(Generic[R]):
 
     Calling it (with no arguments) starts its loop in the background on the running event
     loop and returns a `TaskHandle`; ``await task()`` also works, as in fastapi-utils'
-    documentation. It can be started again once its loop has ended, and in several event
-    loops at once, but only once per event loop at a time: two loops of the same job in one
-    event loop would overlap, which is what this library exists to prevent. For the same
-    reason two runs of a ``def`` job never overlap, even across loops: a run waits until the
-    previous run's worker thread has returned (one a cancelled loop left behind, say).
+    documentation. It can be started again once its loop has ended, but runs at most once at
+    a time in a process (in any event loop), as any task of its name without a claim store:
+    two loops of the same job would overlap, which is what this library exists to prevent.
+    (With a claim store, tasks of the same name may run side by side: the store decides which
+    runs each tick.) For the same reason two runs of a ``def`` job never overlap: a run waits
+    until the previous run's worker thread has returned (one a cancelled loop left behind).
     """
 
     def __init__(

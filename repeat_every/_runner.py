@@ -419,21 +419,33 @@ class Runner:
     async def _join_within(self, timeout: int) -> bool:
         """Wait up to ``timeout`` ns (on the task's clock) for the loop and a run_now() run to
         end; whether they did."""
-        pending = {f for f in (self.task, self.manual) if f is not None and not f.done()}
+        pending: set[asyncio.Future[Any]] = {
+            f for f in (self.task, self.manual) if f is not None and not f.done()
+        }
         if not pending:
             return True
+        observer = self.observer
+        joiner: asyncio.Future[Any] | None = None
+        if observer is not None and self.task in pending:
+            # Through the observer, as join() does: a FakeClock that nobody advances while the
+            # run waits on it raises RunStalledError (which says so) instead of hanging.
+            joiner = self.loop.create_task(observer.join(self.task))
+            pending.discard(self.task)
+            pending.add(joiner)
         timer = self.loop.create_task(_sleep(self.clock, timeout / NS))
-        if self.observer is not None:
-            self.observer.track(timer)
+        if observer is not None:
+            observer.track(timer)
         try:
             while pending and not timer.done():
                 done, _ = await asyncio.wait(pending | {timer}, return_when=asyncio.FIRST_COMPLETED)
                 pending -= done
-        except asyncio.CancelledError:
-            timer.cancel()
-            raise
-        timer.cancel()
-        await asyncio.wait((timer,))
+                if joiner is not None and joiner in done:
+                    joiner.result()  # RunStalledError
+        finally:
+            for waiter in (timer, joiner):
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+                    await asyncio.wait((waiter,))
         return not pending
 
     def _give_up(self, timeout: int) -> None:

@@ -32,7 +32,7 @@ from repeat_every import (
     with_tasks,
 )
 from repeat_every.stores import SQLiteClaimStore
-from repeat_every.testing import FakeClock
+from repeat_every.testing import FakeClock, RunStalledError
 
 SRC = Path(__file__).resolve().parent.parent / "docs" / "src"
 
@@ -699,3 +699,19 @@ async def test_reschedule_refuses_what_does_not_fit_the_task(fake_clock: FakeClo
     assert every.schedule.describe() == "every 60 s (fixed rate)"
     await every.aclose()
     await at.aclose()
+
+
+@pytest.mark.fake_clock(timeout=0.2)
+async def test_a_bounded_aclose_that_needs_virtual_time_nobody_gives_says_so(
+    fake_clock: FakeClock,
+) -> None:
+    @repeat_every(seconds=10, name="slow")
+    async def slow() -> None:
+        await asyncio.sleep(3)
+
+    handle = slow()
+    await fake_clock.advance(1)
+    with pytest.raises(RunStalledError, match="'repeat_every:slow' has not ended"):
+        await handle.aclose(timeout=10)  # the run waits for virtual time: advance the clock
+    handle.cancel()
+    await handle.wait()

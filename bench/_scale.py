@@ -80,7 +80,10 @@ async def _measure(contender: str, tasks: int, traced: bool) -> Result:
     keep: list[Any] = []
     if contender == OURS:
         t0 = time.perf_counter()
-        decorated = [repeat_every(seconds=PERIOD, wait_first=True)(job) for _ in range(tasks)]
+        decorated = [
+            repeat_every(seconds=PERIOD, wait_first=True, name=f"job-{i}")(job)
+            for i in range(tasks)
+        ]
         t1 = time.perf_counter()
         keep = [task() for task in decorated]
     elif contender == FASTAPI_UTILS:

@@ -22,6 +22,7 @@ from ._records import RunRecord as RunRecord
 from ._records import TaskState as TaskState
 from ._task import PeriodicTask as PeriodicTask
 from ._task import TaskHandle as TaskHandle
+from ._task import get_handle as get_handle
 from ._task import running_handles as running_handles
 from .asgi import with_tasks as with_tasks
 
@@ -36,6 +37,7 @@ __all__ = [
     "StoreErrorPolicy",
     "TaskHandle",
     "TaskState",
+    "get_handle",
     "lifespan",
     "repeat_at",
     "repeat_every",

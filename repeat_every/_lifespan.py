@@ -11,10 +11,26 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from ._durations import NS, Seconds, duration_ns
 from ._task import PeriodicTask, TaskHandle, log
 
 App = TypeVar("App")
 Lifespan = Callable[[App], contextlib.AbstractAsyncContextManager[Any]]
+
+SHUTDOWN_TIMEOUT = 20.0
+"""How long shutdown waits, by default, for runs in progress (seconds).
+
+Kubernetes sends SIGTERM and kills the pod ``terminationGracePeriodSeconds`` later (30 s by
+default). Before the tasks stop, the server drains its open connections (uvicorn waits for
+them, bounded by ``--timeout-graceful-shutdown``); after, the app's own shutdown code runs.
+20 s for the runs leaves about 10 s of the default grace period for both, so the process ends
+by itself, with its log lines, instead of being killed mid-run with none.
+"""
+
+
+def shutdown_ns(value: object) -> int | None:
+    """``shutdown_timeout`` checked: ``None`` (wait for ever) or integer nanoseconds."""
+    return None if value is None else duration_ns(value, "shutdown_timeout", allow_zero=True)
 
 
 def check_tasks(caller: str, tasks: tuple[object, ...]) -> None:
@@ -26,14 +42,22 @@ def check_tasks(caller: str, tasks: tuple[object, ...]) -> None:
             )
 
 
-@contextlib.asynccontextmanager
-async def run_tasks(*tasks: PeriodicTask[Any]) -> AsyncIterator[tuple[TaskHandle, ...]]:
+def run_tasks(
+    *tasks: PeriodicTask[Any], shutdown_timeout: Seconds | None = SHUTDOWN_TIMEOUT
+) -> contextlib.AbstractAsyncContextManager[tuple[TaskHandle, ...]]:
     """Start ``tasks`` on entry and stop them on exit; yields their handles in order.
 
     On exit every task is stopped gracefully (a run in progress finishes) and awaited, so no
     task is left pending. A task that had already ended with an exception does not raise
     here: it was reported when it ended (logged, and handed to the event loop's exception
     handler or to a waiter). If the block is cancelled, the tasks are cancelled too.
+
+    The wait for runs in progress is bounded by ``shutdown_timeout`` (seconds or a
+    ``timedelta``, on the tasks' clock; 20 s by default, see `SHUTDOWN_TIMEOUT`; ``None``
+    waits for as long as they take). It logs which tasks it waits for; past the timeout an
+    ``async def`` run is cancelled and a ``def`` run is abandoned in its worker thread (a
+    daemon thread: it does not keep the process alive), and each task given up on is logged
+    by name.
 
     Works in any asyncio program::
 
@@ -42,6 +66,13 @@ async def run_tasks(*tasks: PeriodicTask[Any]) -> AsyncIterator[tuple[TaskHandle
                 await serve_forever()
     """
     check_tasks("run_tasks", tasks)
+    return _run_tasks(tasks, shutdown_ns(shutdown_timeout))
+
+
+@contextlib.asynccontextmanager
+async def _run_tasks(
+    tasks: tuple[PeriodicTask[Any], ...], timeout: int | None
+) -> AsyncIterator[tuple[TaskHandle, ...]]:
     handles: list[TaskHandle] = []
     try:
         for task in tasks:
@@ -52,10 +83,20 @@ async def run_tasks(*tasks: PeriodicTask[Any]) -> AsyncIterator[tuple[TaskHandle
             handle.cancel()
         raise
     finally:
+        busy = [handle.name for handle in handles if handle._runner.in_run()]
         for handle in handles:
             handle.stop()
+        if busy:
+            log.info(
+                "shutdown: waiting %s for the run in progress of: %s",
+                "as long as it takes" if timeout is None else f"up to {timeout / NS:g} s",
+                ", ".join(busy),
+            )
         if handles:
-            done = asyncio.gather(*(h.aclose() for h in handles), return_exceptions=True)
+            done = asyncio.gather(
+                *(h._runner.close(timeout, announce=False) for h in handles),
+                return_exceptions=True,
+            )
             try:
                 await asyncio.shield(done)
             except asyncio.CancelledError:
@@ -68,15 +109,23 @@ async def run_tasks(*tasks: PeriodicTask[Any]) -> AsyncIterator[tuple[TaskHandle
                 log.debug("%s had ended with %r before shutdown", handle.name, handle.exception)
 
 
-def lifespan(*tasks: PeriodicTask[Any], app_lifespan: Lifespan[App] | None = None) -> Lifespan[App]:
+def lifespan(
+    *tasks: PeriodicTask[Any],
+    app_lifespan: Lifespan[App] | None = None,
+    shutdown_timeout: Seconds | None = SHUTDOWN_TIMEOUT,
+) -> Lifespan[App]:
     """A FastAPI/Starlette ``lifespan`` that runs ``tasks`` while the app runs.
 
     ``FastAPI(lifespan=lifespan(cleanup, refresh))`` starts the tasks at startup and stops
     them (gracefully, awaited) at shutdown. To keep the app's own lifespan, pass it as
     ``app_lifespan``: it is entered first and exited last, so the tasks can use what it sets
     up (a database pool, say), and the state it yields is passed through to the app.
-    For full control, use [`run_tasks`][] inside your own lifespan instead.
+    ``shutdown_timeout`` bounds the wait for runs in progress at shutdown, as in
+    [`run_tasks`][] (20 s by default). For full control, use [`run_tasks`][] inside your own
+    lifespan instead.
     """
+    check_tasks("lifespan", tasks)
+    timeout = shutdown_ns(shutdown_timeout)
 
     @contextlib.asynccontextmanager
     async def _lifespan(app: App) -> AsyncIterator[Any]:
@@ -84,7 +133,7 @@ def lifespan(*tasks: PeriodicTask[Any], app_lifespan: Lifespan[App] | None = Non
             state = None
             if app_lifespan is not None:
                 state = await stack.enter_async_context(app_lifespan(app))
-            await stack.enter_async_context(run_tasks(*tasks))
+            await stack.enter_async_context(_run_tasks(tasks, timeout))
             yield state
 
     return _lifespan

@@ -67,6 +67,17 @@ class TaskState:
     next_run_at: dt.datetime | None
     """Wall-clock (UTC) instant of the next run, ``None`` when no run is planned."""
     last_started_at: dt.datetime | None
+    last_success_at: dt.datetime | None = None
+    """Wall-clock (UTC) instant the last successful run ended, ``None`` before one."""
+    last_duration: float | None = None
+    """Seconds the last run took, from its first attempt's start to its end (retries and
+    their backoff included), ``None`` before the first run ends."""
+    consecutive_failures: int = 0
+    """Failed runs since the last successful one."""
+    paused: bool = False
+    """Whether the task is paused (``handle.pause()``)."""
+    paused_ticks: int = 0
+    """Ticks that came while the task was paused, and were not run."""
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready dictionary (what the demo's ``GET /tasks`` returns)."""
@@ -83,4 +94,11 @@ class TaskState:
             "last_started_at": (
                 None if self.last_started_at is None else self.last_started_at.isoformat()
             ),
+            "last_success_at": (
+                None if self.last_success_at is None else self.last_success_at.isoformat()
+            ),
+            "last_duration": self.last_duration,
+            "consecutive_failures": self.consecutive_failures,
+            "paused": self.paused,
+            "paused_ticks": self.paused_ticks,
         }

@@ -30,11 +30,12 @@ from ._policy import RunTimeoutError
 from ._realtime import real_time
 from ._records import Outcome, RunRecord, TaskState
 from ._schedule import Tick, wall_ns
+from ._threads import executor
 from ._timebase import Clock, SleepFunc, TaskObserver, observer_of
 
 if TYPE_CHECKING:
     from ._options import TaskOptions
-    from ._schedule import KeyedSchedule, Plan
+    from ._schedule import KeyedSchedule, Plan, Schedule
     from ._task import PeriodicTask
 
 log = logging.getLogger("repeat_every")
@@ -73,23 +74,35 @@ class Runner:
         "_sleep",
         "cancel_requested",
         "clock",
+        "consecutive_failures",
+        "context",
         "elsewhere",
         "exception",
         "failures",
+        "held",
+        "in_tick",
         "interrupting",
+        "last_duration",
         "last_exception",
+        "last_ok",
         "last_started",
         "loop",
+        "manual",
         "next",
         "observer",
         "opts",
+        "paused",
+        "paused_ticks",
         "periodic",
+        "replan",
         "retries",
         "runs",
+        "schedule",
         "skipped",
         "sleeping",
         "stop_requested",
         "task",
+        "tick_waiter",
         "waiters",
     )
 
@@ -114,6 +127,21 @@ class Runner:
         self.exception: BaseException | None = None  # what ended the loop
         self.next: Tick | None = None
         self.last_started: int | None = None  # monotonic ns of the last attempt's start
+        self.last_ok: int | None = None  # monotonic ns when the last successful run ended
+        self.last_duration: int | None = None  # ns from the last run's start to its end
+        self.consecutive_failures = 0  # failed runs since the last successful one
+        self.paused = False
+        self.paused_ticks = 0
+        # Controls (see the methods that set them): ``held`` is true while the loop must not
+        # start a tick's run (paused, or a run_now() run in progress: ``manual``); ``in_tick``
+        # from the moment the loop takes a due tick until it waits for the next one.
+        self.held = False
+        self.in_tick = False
+        self.manual: asyncio.Task[RunRecord] | None = None
+        self.tick_waiter: asyncio.Future[None] | None = None  # run_now() waiting for in_tick
+        self.context: contextvars.Context | None = None  # the loop's, once it has started
+        self.schedule: Schedule = self.opts.schedule  # the latest given (reschedule())
+        self.replan: Schedule | None = None  # given, not yet in effect
         self.stop_requested = False
         self.cancel_requested = False
         self.sleeping = False
@@ -148,6 +176,8 @@ class Runner:
             wall = clock.wall() + (next_run - clock.monotonic())
             next_at = dt.datetime.fromtimestamp(wall, dt.timezone.utc)
         last = self.last_started
+        ok = self.last_ok
+        duration = self.last_duration
         return TaskState(
             name=self.name,
             running=not self.ended(),
@@ -164,6 +194,15 @@ class Runner:
             else dt.datetime.fromtimestamp(
                 clock.wall() - (clock.monotonic_ns() - last) / NS, dt.timezone.utc
             ),
+            last_success_at=None
+            if ok is None
+            else dt.datetime.fromtimestamp(
+                clock.wall() - (clock.monotonic_ns() - ok) / NS, dt.timezone.utc
+            ),
+            last_duration=None if duration is None else duration / NS,
+            consecutive_failures=self.consecutive_failures,
+            paused=self.paused,
+            paused_ticks=self.paused_ticks,
         )
 
     def stop(self) -> None:
@@ -205,6 +244,226 @@ class Runner:
             self._logger().error("%s: the loop crashed", self.name, exc_info=error)
             self._end_with(error)
 
+    def reschedule(self, schedule: Schedule) -> None:
+        """Use ``schedule`` from the next tick on (the tick waited for now is replaced)."""
+        if self._elsewhere_thread():
+            self._call_soon_threadsafe(lambda: self.reschedule(schedule))
+            return
+        self.schedule = schedule
+        if self.ended():
+            return
+        self.replan = schedule
+        self.held = True
+        if self.sleeping and not self.in_tick and not self.stop_requested:
+            # Asleep until the old plan's tick: wake up now (not in a jitter or a backoff,
+            # which belong to a tick already taken; that tick's run goes on).
+            self.interrupting = True
+            self.task.cancel()
+
+    def pause(self, paused: bool) -> None:
+        self.paused = paused
+        self.held = paused or self.manual is not None or self.replan is not None
+
+    async def run_now(self) -> RunRecord:
+        """One run now, in the loop's context, never overlapping one of the loop's runs."""
+        if self._elsewhere_thread():
+            raise RuntimeError(
+                f"{self.name}: run_now() must be awaited in the event loop the task runs in"
+            )
+        while True:
+            if self.ended() or self.stop_requested or self.context is None:
+                raise RuntimeError(
+                    f"{self.name}: run_now() needs a running task, and this one has "
+                    + ("not started its loop yet" if self.context is None else "stopped")
+                    + " (to run the job's body alone, await task.call())"
+                )
+            if self.manual is not None:
+                await asyncio.wait((self.manual,))
+            elif self.in_tick:
+                if self.tick_waiter is None:
+                    self.tick_waiter = self.loop.create_future()
+                await asyncio.shield(self.tick_waiter)
+            else:
+                break
+        manual = self.context.run(self._start_manual)
+        self.manual = manual
+        self.held = True
+        try:
+            return await manual
+        finally:
+            if self.manual is manual:
+                self.manual = None
+                self.held = self.paused or self.replan is not None
+
+    def _start_manual(self) -> asyncio.Task[RunRecord]:
+        task = self.loop.create_task(self._manual_run(), name=f"repeat_every:{self.name}:now")
+        if self.observer is not None:
+            self.observer.track(task)  # in the loop's context: in its FakeClock scope
+        return task
+
+    async def _manual_run(self) -> RunRecord:
+        """The attempts of a run_now() run: the loop's call, timeout and retry; no claim."""
+        from ._schedule import Tick
+
+        clock = self.clock
+        call = self._choose_call()
+        func = self.periodic._func
+        retry = self.opts.retry
+        started = clock.monotonic_ns()
+        tick = Tick(started, -1)
+        attempt = 1
+        while True:
+            t = clock.monotonic_ns()
+            self.last_started = t
+            error: BaseException | None = None
+            try:
+                if call is None:
+                    await func()
+                else:
+                    await call()
+            except Exception as exc:
+                error = exc
+            except asyncio.CancelledError as exc:
+                self._manual_record(tick, attempt, t, exc)
+                raise
+            record = self._manual_record(tick, attempt, t, error)
+            if error is None or retry is None or self.stop_requested:
+                break
+            if attempt >= retry.attempts or not isinstance(error, retry.on):
+                break
+            self.retries += 1
+            delay = retry.delay(attempt, self._rng())
+            self._logger().warning(
+                "%s: attempt %d failed (%r); retrying in %g s",
+                self.name,
+                attempt,
+                error,
+                delay,
+                exc_info=error,
+            )
+            await clock.sleep(delay)
+            attempt += 1
+        ended = clock.monotonic_ns()
+        self.last_duration = ended - started
+        if error is None:
+            self.last_ok = ended
+            self.consecutive_failures = 0
+        else:
+            try:
+                await self._report(error)
+            except _LoopEnd as end:  # raise_exceptions, or on_exception raised: the loop ends
+                self.stop()
+                self._end_with(end.error)
+        self.runs += 1
+        if self.opts.max_repetitions is not None and self.runs >= self.opts.max_repetitions:
+            self.stop()
+        return record
+
+    def _manual_record(
+        self, tick: Tick, attempt: int, started: int, error: BaseException | None
+    ) -> RunRecord:
+        outcome: Outcome
+        if error is None:
+            outcome = "ok"
+        elif isinstance(error, asyncio.CancelledError):
+            outcome = "cancelled"
+        elif isinstance(error, RunTimeoutError):
+            outcome = "timeout"
+        else:
+            outcome = "failed"
+        record = RunRecord(
+            self.name,
+            self.runs,
+            attempt,
+            started / NS,
+            started / NS,
+            self.clock.monotonic(),
+            outcome,
+            error,
+            self.clock.wall() - (self.clock.monotonic_ns() - started) / NS,
+        )
+        if self.observer is not None and self.observer.wants_records:
+            self.observer.run_finished(record)
+        return record
+
+    def in_run(self) -> bool:
+        """Whether a run is in progress: the loop's (alive and not waiting for a tick) or a
+        run_now() run."""
+        return (self.next is None and not self.ended()) or self.manual is not None
+
+    async def close(self, timeout: int | None, announce: bool) -> None:
+        """Stop, then wait for the end: for ever (``timeout`` None) or ``timeout`` ns.
+
+        Past the timeout the loop is cancelled: an ``async def`` run is cancelled with it; a
+        ``def`` run, which nothing can interrupt, is abandoned in its (daemon) worker thread.
+        Each task given up on is logged, by name. ``announce`` logs the wait itself first
+        (`run_tasks` logs one line for all its tasks instead).
+        """
+        in_run = self.in_run()
+        self.stop()
+        if timeout is None:
+            await self.join()
+            if self.manual is not None:
+                await asyncio.wait((self.manual,))
+            return
+        if in_run and announce:
+            self._logger().info(
+                "%s: waiting up to %g s for its run in progress to finish", self.name, timeout / NS
+            )
+        if not await self._join_within(timeout):
+            manual = self.manual
+            self._give_up(timeout)
+            await self.join()
+            if manual is not None:
+                await asyncio.wait((manual,))
+
+    async def _join_within(self, timeout: int) -> bool:
+        """Wait up to ``timeout`` ns (on the task's clock) for the loop and a run_now() run to
+        end; whether they did."""
+        pending: set[asyncio.Future[Any]] = {
+            f for f in (self.task, self.manual) if f is not None and not f.done()
+        }
+        if not pending:
+            return True
+        observer = self.observer
+        joiner: asyncio.Future[Any] | None = None
+        if observer is not None and self.task in pending:
+            # Through the observer, as join() does: a FakeClock that nobody advances while the
+            # run waits on it raises RunStalledError (which says so) instead of hanging.
+            joiner = self.loop.create_task(observer.join(self.task))
+            pending.discard(self.task)
+            pending.add(joiner)
+        timer = self.loop.create_task(_sleep(self.clock, timeout / NS))
+        if observer is not None:
+            observer.track(timer)
+        try:
+            while pending and not timer.done():
+                done, _ = await asyncio.wait(pending | {timer}, return_when=asyncio.FIRST_COMPLETED)
+                pending -= done
+                if joiner is not None and joiner in done:
+                    joiner.result()  # RunStalledError
+        finally:
+            for waiter in (timer, joiner):
+                if waiter is not None and not waiter.done():
+                    waiter.cancel()
+                    await asyncio.wait((waiter,))
+        return not pending
+
+    def _give_up(self, timeout: int) -> None:
+        in_thread = not self.periodic._is_async and not self.periodic._thread_run.done()
+        if self.manual is not None:
+            self.manual.cancel()
+        self._logger().warning(
+            "%s: still running %g s after it was asked to stop; %s",
+            self.name,
+            timeout / NS,
+            "abandoning its run in its worker thread (a def job cannot be interrupted; the "
+            "daemon thread finishes in the background or ends with the process)"
+            if in_thread
+            else "cancelling it",
+        )
+        self.cancel()
+
     def _elsewhere_thread(self) -> bool:
         try:
             return asyncio.get_running_loop() is not self.loop
@@ -226,6 +485,12 @@ class Runner:
         plan = opts.schedule.plan(self.clock)
         now, sleep = self.clock.hot_path()  # once, inside the task, before the first sleep
         self._sleep = sleep
+        # run_now() runs in the loop's context (a FakeClock's scope): the task's own context
+        # where asyncio gives it (no copy per task), a copy of it before Python 3.12.
+        if sys.version_info >= (3, 12):
+            self.context = self.task.get_context()
+        else:
+            self.context = contextvars.copy_context()
         observer = self.observer
         records = observer is not None and observer.wants_records
         store, jitter, retry = opts.store, opts.jitter_ns, opts.retry
@@ -246,11 +511,28 @@ class Runner:
                     t = now()
             while True:
                 self.next = tick
+                if self.in_tick:
+                    self._tick_over()
+                    if self.replan is not None:  # rescheduled during the run
+                        t = now()
+                        plan, tick = self._replanned(t)
+                        self.next = tick
                 # Wait until the tick is due, re-checking: early wake-ups and clock jumps.
                 while (remaining := plan.remaining(tick, t)) > 0:
-                    await self._asleep(remaining, sleep)
+                    try:
+                        await self._asleep(remaining, sleep)
+                    except asyncio.CancelledError:
+                        if self.replan is None or not self._interrupted_by_stop():
+                            raise
+                        t = now()  # reschedule() woke the wait: the new plan applies now
+                        break
                     self.sleeping = False
                     t = now()
+                if self.held:  # paused, rescheduled or run_now() in progress: not this tick
+                    plan, tick = await self._held_tick(plan, tick, t)
+                    t = now()
+                    continue
+                self.in_tick = True
                 # Claim (with a store), after the jitter, so peers claim as far apart as they
                 # start; a worker that woke too late for its tick skips it.
                 # With deadline= the store itself refuses a claim that comes too late, whatever
@@ -313,7 +595,12 @@ class Runner:
                 if records_runs:  # the fleet-wide run record: the store's, in real time
                     await self._record_run(tick, run_wall, now() - run_started, error)
                 # Report a failure (log, on_exception, raise_exceptions), then plan the next.
-                if error is not None:
+                run_ended = now()
+                self.last_duration = run_ended - run_started
+                if error is None:
+                    self.last_ok = run_ended
+                    self.consecutive_failures = 0
+                else:
                     await self._report(error)
                 self.runs += 1
                 if opts.max_repetitions is not None and self.runs >= opts.max_repetitions:
@@ -335,6 +622,7 @@ class Runner:
             return
         finally:
             self.next = None
+            self._tick_over()
         if opts.on_complete is not None:
             try:
                 await call_hook(opts.on_complete)
@@ -365,6 +653,51 @@ class Runner:
         if sys.version_info >= (3, 11):
             self.task.uncancel()
         return True
+
+    async def _held_tick(self, plan: Plan, tick: Tick, now: int) -> tuple[Plan, Tick]:
+        """The plan and tick to go on with instead of running ``tick``: rescheduled (the new
+        plan's first tick), paused (the tick is counted in ``paused_ticks``), or a run_now()
+        run in progress (waited for; the tick is skipped as an overrun would skip it)."""
+        if self.replan is not None:
+            return self._replanned(now)
+        manual = self.manual
+        if manual is not None:
+            with self._waiting():
+                await asyncio.wait((manual,))
+            now = self.clock.monotonic_ns()
+            if self._replan_pending():  # reschedule() while it waited
+                return self._replanned(now)
+            following, covered = plan.after(tick, now)
+            self.skipped += 1 + covered
+            self._logger().debug(
+                "%s: tick skipped: a run_now() run was in progress when it came", self.name
+            )
+            return plan, following
+        following, covered = plan.after(tick, now)
+        self.paused_ticks += 1 + covered
+        return plan, following
+
+    def _replan_pending(self) -> bool:
+        # A method, not the attribute: reschedule() may set it while the loop awaits.
+        return self.replan is not None
+
+    def _replanned(self, now: int) -> tuple[Plan, Tick]:
+        """Put the schedule reschedule() gave in effect: its plan, and its first tick."""
+        schedule = self.replan
+        assert schedule is not None
+        self.replan = None
+        self.held = self.paused or self.manual is not None
+        plan = schedule.plan(self.clock)
+        return plan, plan.first(now)
+
+    def _tick_over(self) -> None:
+        """The loop is done with its tick (run, or not): wake a run_now() that waits for it."""
+        self.in_tick = False
+        waiter = self.tick_waiter
+        if waiter is not None:
+            self.tick_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _stopping(self) -> bool:
         # A method, not the attribute: stop() may set it while the loop awaits (mypy narrows).
@@ -542,7 +875,10 @@ class Runner:
             await asyncio.wrap_future(busy)
         returned: concurrent.futures.Future[None] = concurrent.futures.Future()
         periodic._thread_run = returned
-        future = in_thread(self.loop, _run_then_set, returned, periodic._func)
+        # Shielded: cancelling the loop (cancel(), a shutdown timeout) abandons the thread's
+        # future instead of marking it cancelled while the thread still works (which would
+        # tell a FakeClock the thread was done), and still retrieves its late exception.
+        future = asyncio.shield(in_thread(self.loop, _run_then_set, returned, periodic._func))
         timeout = self.opts.timeout_ns
         result = await (future if timeout is None else self._with_timeout(future, timeout, True))
         if inspect.isawaitable(result):
@@ -684,6 +1020,7 @@ class Runner:
         """A run failed (after its retries): count it, log it, call on_exception."""
         opts = self.opts
         self.failures += 1
+        self.consecutive_failures += 1
         self.last_exception = error
         self._logger().error("%s: run %d failed: %r", self.name, self.runs, error, exc_info=error)
         if opts.on_exception is not None:
@@ -732,9 +1069,13 @@ async def call_hook(hook: Callable[..., Any], *args: Any) -> None:
 def in_thread(
     loop: asyncio.AbstractEventLoop, func: Callable[..., Any], *args: Any
 ) -> asyncio.Future[Any]:
-    """Run ``func(*args)`` in the default executor, in a copy of the current context."""
+    """Run ``func(*args)`` in a daemon worker thread, in a copy of the current context.
+
+    Daemon threads (see `._threads`): a job stuck in its thread never keeps the process alive
+    once the event loop is over.
+    """
     return loop.run_in_executor(
-        None, contextvars.copy_context().run, _no_stop_iteration, func, *args
+        executor(), contextvars.copy_context().run, _no_stop_iteration, func, *args
     )
 
 

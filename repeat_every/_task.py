@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import functools
 import sys
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from ._records import TaskState
+from ._durations import Seconds, duration_ns
+from ._records import RunRecord, TaskState
 from ._runner import Runner, in_thread
 from ._runner import log as log
 from ._timebase import default_timebase
@@ -29,6 +31,11 @@ R = TypeVar("R")
 # references to tasks). A handle leaves the set when its loop ends.
 _RUNNING: set[TaskHandle] = set()
 
+# The same handles by name: how get_handle and the unique-name rule find them without scanning
+# every running loop. A name maps to its handle, or (only with a claim store, when several
+# loops share it) to a list of them in start order: no list per task in the usual case.
+_BY_NAME: dict[str, TaskHandle | list[TaskHandle]] = {}
+
 _RETURNED: concurrent.futures.Future[None] = concurrent.futures.Future()
 _RETURNED.set_result(None)
 
@@ -41,11 +48,12 @@ class PeriodicTask(Generic[R]):
 
     Calling it (with no arguments) starts its loop in the background on the running event
     loop and returns a `TaskHandle`; ``await task()`` also works, as in fastapi-utils'
-    documentation. It can be started again once its loop has ended, and in several event
-    loops at once, but only once per event loop at a time: two loops of the same job in one
-    event loop would overlap, which is what this library exists to prevent. For the same
-    reason two runs of a ``def`` job never overlap, even across loops: a run waits until the
-    previous run's worker thread has returned (one a cancelled loop left behind, say).
+    documentation. It can be started again once its loop has ended, but runs at most once at
+    a time in a process (in any event loop), as any task of its name without a claim store:
+    two loops of the same job would overlap, which is what this library exists to prevent.
+    (With a claim store, tasks of the same name may run side by side: the store decides which
+    runs each tick.) For the same reason two runs of a ``def`` job never overlap: a run waits
+    until the previous run's worker thread has returned (one a cancelled loop left behind).
     """
 
     def __init__(
@@ -114,6 +122,15 @@ class PeriodicTask(Generic[R]):
                 f"{self.name} is already running in this event loop; stop it first "
                 "(handle.stop()) or use its handle (task.handle)"
             )
+        if self._options.store is None:
+            for other in _alive(self.name):
+                if other._runner.opts.store is None:
+                    raise RuntimeError(
+                        f"a task named {self.name!r} is already running in this process; "
+                        "names of tasks without a claim store are unique per process (give "
+                        "this one another name=, or stop the other first: "
+                        f"repeat_every.get_handle({self.name!r}).stop())"
+                    )
         handle = TaskHandle(self, self._options.timebase or default_timebase(), loop)
         self._handle = handle
         return handle
@@ -167,9 +184,15 @@ class TaskHandle:
     def __init__(self, task: PeriodicTask[Any], clock: Clock, loop: asyncio.AbstractEventLoop):
         self._runner = Runner(task, clock, loop, self._ended)
         _RUNNING.add(self)
+        same = _BY_NAME.setdefault(task.name, self)
+        if same is not self:
+            if isinstance(same, list):
+                same.append(self)
+            else:
+                _BY_NAME[task.name] = [same, self]
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        _RUNNING.discard(self)
+        _forget(self)
         self._runner.crashed(task)
 
     @property
@@ -224,6 +247,21 @@ class TaskHandle:
         return None if tick is None else tick.deadline / 1_000_000_000
 
     @property
+    def consecutive_failures(self) -> int:
+        """Failed runs since the last successful one (0 after a success)."""
+        return self._runner.consecutive_failures
+
+    @property
+    def paused(self) -> bool:
+        """Whether the task is paused (see `pause`)."""
+        return self._runner.paused
+
+    @property
+    def paused_ticks(self) -> int:
+        """Ticks that came while the task was paused, and were not run."""
+        return self._runner.paused_ticks
+
+    @property
     def running(self) -> bool:
         """Whether the loop is still alive."""
         return not self._runner.ended()
@@ -255,6 +293,55 @@ class TaskHandle:
         """End the loop now, cancelling an ``async def`` run in progress. Safe from any thread."""
         self._runner.cancel()
 
+    def pause(self) -> None:
+        """Run no tick until `resume`: each tick that comes meanwhile is counted in
+        `paused_ticks` and not run (nor claimed, with a claim store: another worker may take
+        it). A run in progress finishes; the loop keeps its schedule and stays alive.
+        """
+        self._runner.pause(True)
+
+    def resume(self) -> None:
+        """Undo `pause`: the next tick on the schedule runs (missed ones are not caught up)."""
+        self._runner.pause(False)
+
+    @property
+    def schedule(self) -> Schedule:
+        """When the loop runs: the task's schedule, or the one `reschedule` gave last."""
+        return self._runner.schedule
+
+    def reschedule(
+        self,
+        seconds: Seconds | None = None,
+        *,
+        cron: str | None = None,
+        tz: str | dt.tzinfo | None = None,
+    ) -> None:
+        """Change when the loop runs, from the next tick on.
+
+        ``seconds`` for a task of `repeat_every` (it keeps its kind: fixed rate, fixed delay,
+        or aligned to the wall clock); ``cron`` and/or ``tz`` for a task of `repeat_at` (the
+        one not given is kept). The tick the loop waits for is replaced: the next run comes
+        one new period from now (the next aligned multiple, the next cron fire time); a run
+        in progress finishes first. Checked as the decorator checks them (a ``jitter`` must
+        stay below the new period). Only this loop changes: a later start of the task uses
+        the decorator's schedule. Safe from any thread.
+        """
+        self._runner.reschedule(_rescheduled(self, seconds, cron, tz))
+
+    async def run_now(self) -> RunRecord:
+        """Run the job once, now, outside the schedule; return its last attempt's record.
+
+        The run is the task's own: its ``timeout`` and ``retry`` apply (retries are not cut
+        short by the next tick), it is counted (``runs``, ``failures``, the state) and recorded
+        like any run, and a failure is reported as any failure is (logged, ``on_exception``).
+        It never overlaps another run: it waits for a run in progress (or another
+        ``run_now``) to end first, and a tick that comes while it runs is skipped, as an
+        overrun's would be. A paused task runs it too. There is no claim: with a claim store,
+        another worker may run the same job at the same time. Raises ``RuntimeError`` if the
+        loop has stopped. Cancelling the caller cancels an ``async def`` run.
+        """
+        return await self._runner.run_now()
+
     async def wait(self) -> None:
         """Wait for the loop to end; re-raise the exception that ended it, if any.
 
@@ -271,10 +358,18 @@ class TaskHandle:
         if runner.exception is not None:
             raise runner.exception
 
-    async def aclose(self) -> None:
-        """`stop`, then wait for the end without raising (failures were reported)."""
-        self.stop()
-        await self._runner.join()
+    async def aclose(self, timeout: Seconds | None = None) -> None:
+        """`stop`, then wait for the end without raising (failures were reported).
+
+        ``timeout`` (seconds or a ``timedelta``, on the task's clock) bounds the wait for a run
+        in progress; ``None``, the default, waits for as long as the run takes. Past it the
+        loop is cancelled: an ``async def`` run is cancelled with it, a ``def`` run is
+        abandoned in its worker thread (nothing can interrupt a thread; it is a daemon thread,
+        so it does not keep the process alive). The wait and the abandon are logged, naming
+        the task.
+        """
+        ns = None if timeout is None else duration_ns(timeout, "timeout", allow_zero=True)
+        await self._runner.close(ns, announce=True)
 
     def __await__(self) -> Generator[Any, None, TaskHandle]:
         return self._started().__await__()
@@ -287,6 +382,84 @@ class TaskHandle:
         return f"<TaskHandle {self.name} {status} runs={self.runs} failures={self.failures}>"
 
 
+def _rescheduled(handle: TaskHandle, seconds: object, cron: object, tz: object) -> Schedule:
+    """The schedule ``handle.reschedule(...)`` asks for, checked (errors name the argument)."""
+    from ._cron import Cron, zone_of
+    from ._decorator import MIN_PERIOD_NS
+    from ._schedule import AlignedRate, FixedDelay, FixedRate
+
+    current = handle._runner.schedule
+    schedule: Schedule
+    if isinstance(current, Cron):
+        if seconds is not None or (cron is None and tz is None):
+            raise TypeError(
+                f"{handle.name} runs on a cron expression: reschedule it with cron= and/or "
+                "tz= (e.g. handle.reschedule(cron='*/5 * * * *'))"
+            )
+        expression = current.expression if cron is None else cron
+        if not isinstance(expression, str):
+            raise TypeError(f"cron must be a string such as '0 9 * * *', not {expression!r}")
+        schedule = Cron(expression, current.tz if tz is None else zone_of(tz))
+    else:
+        if cron is not None or tz is not None or seconds is None:
+            raise TypeError(
+                f"{handle.name} runs every so many seconds: reschedule it with seconds= (e.g. "
+                "handle.reschedule(seconds=30)); cron= and tz= are for tasks of repeat_at"
+            )
+        period = duration_ns(seconds, "seconds", at_least_ns=MIN_PERIOD_NS)
+        if isinstance(current, AlignedRate):
+            schedule = AlignedRate(period, current.offset)
+        elif isinstance(current, FixedDelay):
+            schedule = FixedDelay(period, period)
+        else:
+            schedule = FixedRate(period, period)
+    jitter = handle._runner.opts.jitter_ns
+    if jitter:
+        limit, what = schedule.jitter_limit()
+        if jitter >= limit:
+            raise ValueError(
+                f"the task's jitter ({jitter / 1e9:g} s) must stay shorter than {what} "
+                f"({limit / 1e9:g} s): reschedule to a longer period"
+            )
+    return schedule
+
+
+def _forget(handle: TaskHandle) -> None:
+    _RUNNING.discard(handle)
+    name = handle.name
+    same = _BY_NAME.get(name)
+    if same is handle:
+        del _BY_NAME[name]
+    elif isinstance(same, list) and handle in same:
+        same.remove(handle)
+        if len(same) == 1:
+            _BY_NAME[name] = same[0]
+
+
+def _alive(name: str) -> list[TaskHandle]:
+    """The handles of the loops of ``name`` alive in this process, oldest first."""
+    same = _BY_NAME.get(name)
+    if same is None:
+        return []
+    alive = []
+    for handle in list(same) if isinstance(same, list) else [same]:
+        if handle._runner.loop.is_closed():
+            _forget(handle)
+        elif not handle.done:
+            alive.append(handle)
+    return alive
+
+
+def get_handle(name: str) -> TaskHandle | None:
+    """The handle of the running task named ``name`` in this process, or ``None`` if none is.
+
+    Without a claim store a name runs at most once per process. With one, several loops may
+    share a name (the name is the claim key workers share): this is the most recently started.
+    """
+    alive = _alive(name)
+    return alive[-1] if alive else None
+
+
 def running_handles() -> frozenset[TaskHandle]:
     """Every loop alive in this process (all event loops)."""
     # A loop that has just ended leaves _RUNNING only when its done callback runs, one event
@@ -295,7 +468,7 @@ def running_handles() -> frozenset[TaskHandle]:
     alive = set()
     for handle in list(_RUNNING):
         if handle._runner.loop.is_closed():
-            _RUNNING.discard(handle)
+            _forget(handle)
         elif not handle.done:
             alive.add(handle)
     return frozenset(alive)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._lifespan import check_tasks, run_tasks
+from ._durations import Seconds
+from ._lifespan import SHUTDOWN_TIMEOUT, check_tasks, run_tasks, shutdown_ns
 from ._task import PeriodicTask, log
 
 Scope = MutableMapping[str, Any]
@@ -26,7 +27,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def with_tasks(app: ASGIApp, *tasks: PeriodicTask[Any]) -> TasksApp:
+def with_tasks(
+    app: ASGIApp, *tasks: PeriodicTask[Any], shutdown_timeout: Seconds | None = SHUTDOWN_TIMEOUT
+) -> TasksApp:
     """Wrap the ASGI application ``app`` so that ``tasks`` run while the server runs it.
 
     ``application = with_tasks(get_asgi_application(), cleanup)`` in Django's ``asgi.py``: the
@@ -43,13 +46,17 @@ def with_tasks(app: ASGIApp, *tasks: PeriodicTask[Any]) -> TasksApp:
     An app that has a lifespan of its own (FastAPI, Starlette, Litestar, Quart) should use it
     instead: ``lifespan(...)`` or [`run_tasks`][] inside it, so that its own startup code
     still runs.
+
+    ``shutdown_timeout`` bounds the wait for runs in progress at shutdown (20 s by default),
+    as in [`run_tasks`][].
     """
     if not callable(app):
         raise TypeError(
             f"with_tasks takes an ASGI application first (e.g. get_asgi_application()), not {app!r}"
         )
     check_tasks("with_tasks", tasks)
-    return TasksApp(app, tasks)
+    shutdown_ns(shutdown_timeout)
+    return TasksApp(app, tasks, shutdown_timeout)
 
 
 class TasksApp:
@@ -59,9 +66,15 @@ class TasksApp:
     was given.
     """
 
-    def __init__(self, app: ASGIApp, tasks: tuple[PeriodicTask[Any], ...]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        tasks: tuple[PeriodicTask[Any], ...],
+        shutdown_timeout: Seconds | None = SHUTDOWN_TIMEOUT,
+    ) -> None:
         self.app = app
         self.tasks = tasks
+        self.shutdown_timeout = shutdown_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
@@ -70,7 +83,7 @@ class TasksApp:
         await receive()  # lifespan.startup: the spec's first message
         started = False
         try:
-            async with run_tasks(*self.tasks):
+            async with run_tasks(*self.tasks, shutdown_timeout=self.shutdown_timeout):
                 started = True
                 await send({"type": "lifespan.startup.complete"})
                 await receive()  # lifespan.shutdown: the server is stopping

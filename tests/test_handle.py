@@ -403,20 +403,23 @@ async def test_awaiting_the_call_returns_the_handle(fake_clock: FakeClock) -> No
     await handle.wait()
 
 
-async def test_same_task_runs_in_two_event_loops_at_once(fake_clock: FakeClock) -> None:
-    calls: list[str] = []
+async def test_same_task_cannot_run_in_two_event_loops_at_once(fake_clock: FakeClock) -> None:
+    # Names of tasks without a store are unique per process (issue 13): a second loop of the
+    # same job, in another event loop, would overlap the first one's runs.
+    @repeat_every(seconds=1, wait_first=True)
+    async def job() -> None: ...
 
-    @repeat_every(seconds=1, max_repetitions=1)
-    async def job() -> None:
-        calls.append(threading.current_thread().name)
-
-    async def in_other_loop() -> None:
-        await job().wait()
+    async def in_other_loop() -> bool:
+        handle = job()
+        handle.stop()
+        await handle.wait()
+        return handle.done
 
     here = job()
-    await asyncio.to_thread(asyncio.run, in_other_loop())
-    await here.wait()
-    assert len(calls) == 2
+    with pytest.raises(RuntimeError, match="is already running in this process"):
+        await asyncio.to_thread(asyncio.run, in_other_loop())
+    await here.aclose()
+    assert await asyncio.to_thread(asyncio.run, in_other_loop())  # once the first has ended
 
 
 def test_stop_and_cancel_after_the_apps_loop_closed_do_nothing(fake_clock: FakeClock) -> None:

@@ -331,24 +331,12 @@ class Runner:
                 break
             if attempt >= retry.attempts or not isinstance(error, retry.on):
                 break
-            self.retries += 1
             delay = retry.delay(attempt, self._rng())
-            self._logger().warning(
-                "%s: attempt %d failed (%r); retrying in %g s",
-                self.name,
-                attempt,
-                error,
-                delay,
-                exc_info=error,
-            )
+            self._retrying(attempt, error, delay)
             await clock.sleep(delay)
             attempt += 1
-        ended = clock.monotonic_ns()
-        self.last_duration = ended - started
-        if error is None:
-            self.last_ok = ended
-            self.consecutive_failures = 0
-        else:
+        self._run_ended(started, clock.monotonic_ns(), error)
+        if error is not None:
             try:
                 await self._report(error)
             except _LoopEnd as end:  # raise_exceptions, or on_exception raised: the loop ends
@@ -362,26 +350,10 @@ class Runner:
     def _manual_record(
         self, tick: Tick, attempt: int, started: int, error: BaseException | None
     ) -> RunRecord:
-        outcome: Outcome
-        if error is None:
-            outcome = "ok"
-        elif isinstance(error, asyncio.CancelledError):
-            outcome = "cancelled"
-        elif isinstance(error, RunTimeoutError):
-            outcome = "timeout"
-        else:
-            outcome = "failed"
-        record = RunRecord(
-            self.name,
-            self.runs,
-            attempt,
-            started / NS,
-            started / NS,
-            self.clock.monotonic(),
-            outcome,
-            error,
-            self.clock.wall() - (self.clock.monotonic_ns() - started) / NS,
-        )
+        """The record of a run_now() attempt (cancelled: any cancellation, which it re-raises)."""
+        started_wall = self.clock.wall() - (self.clock.monotonic_ns() - started) / NS
+        cancelled = isinstance(error, asyncio.CancelledError)
+        record = self._attempt_record(tick, attempt, started, started_wall, error, cancelled)
         if self.observer is not None and self.observer.wants_records:
             self.observer.run_finished(record)
         return record
@@ -595,12 +567,8 @@ class Runner:
                 if records_runs:  # the fleet-wide run record: the store's, in real time
                     await self._record_run(tick, run_wall, now() - run_started, error)
                 # Report a failure (log, on_exception, raise_exceptions), then plan the next.
-                run_ended = now()
-                self.last_duration = run_ended - run_started
-                if error is None:
-                    self.last_ok = run_ended
-                    self.consecutive_failures = 0
-                else:
+                self._run_ended(run_started, now(), error)
+                if error is not None:
                     await self._report(error)
                 self.runs += 1
                 if opts.max_repetitions is not None and self.runs >= opts.max_repetitions:
@@ -946,15 +914,7 @@ class Runner:
                 "%s: no retry of attempt %d: the next tick comes first", self.name, attempt
             )
             return False
-        self.retries += 1
-        self._logger().warning(
-            "%s: attempt %d failed (%r); retrying in %g s",
-            self.name,
-            attempt,
-            error,
-            delay / NS,
-            exc_info=error,
-        )
+        self._retrying(attempt, error, delay / NS)
         try:
             await self._asleep(delay, self._sleep)
         except asyncio.CancelledError:
@@ -966,6 +926,25 @@ class Runner:
 
     # -- record and report ---------------------------------------------------------------------
 
+    def _retrying(self, attempt: int, error: BaseException, delay: float) -> None:
+        """Count and log a retry of ``attempt`` after ``delay`` seconds."""
+        self.retries += 1
+        self._logger().warning(
+            "%s: attempt %d failed (%r); retrying in %g s",
+            self.name,
+            attempt,
+            error,
+            delay,
+            exc_info=error,
+        )
+
+    def _run_ended(self, started: int, ended: int, error: BaseException | None) -> None:
+        """A run (its attempts) ended at ``ended`` (ns): its duration, and its success."""
+        self.last_duration = ended - started
+        if error is None:
+            self.last_ok = ended
+            self.consecutive_failures = 0
+
     def _record(
         self,
         tick: Tick,
@@ -976,27 +955,41 @@ class Runner:
     ) -> None:
         """Give the observer the record of an attempt that just ended (when it wants them)."""
         assert self.observer is not None
+        cancelled = isinstance(error, asyncio.CancelledError) and not self._raised_by_job()
+        self.observer.run_finished(
+            self._attempt_record(tick, attempt, started, started_wall, error, cancelled)
+        )
+
+    def _attempt_record(
+        self,
+        tick: Tick,
+        attempt: int,
+        started: int,
+        started_wall: float,
+        error: BaseException | None,
+        cancelled: bool,
+    ) -> RunRecord:
+        """The record of an attempt that just ended; ``cancelled``: it was cancelled from
+        outside (not a ``CancelledError`` the job raised itself)."""
         outcome: Outcome
         if error is None:
             outcome = "ok"
-        elif isinstance(error, asyncio.CancelledError) and not self._raised_by_job():
+        elif cancelled:
             outcome = "cancelled"
         elif isinstance(error, RunTimeoutError):
             outcome = "timeout"
         else:
             outcome = "failed"
-        self.observer.run_finished(
-            RunRecord(
-                self.name,
-                self.runs,
-                attempt,
-                tick.deadline / NS,
-                started / NS,
-                self.clock.monotonic(),
-                outcome,
-                error,
-                started_wall,
-            )
+        return RunRecord(
+            self.name,
+            self.runs,
+            attempt,
+            tick.deadline / NS,
+            started / NS,
+            self.clock.monotonic(),
+            outcome,
+            error,
+            started_wall,
         )
 
     async def _record_run(

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from freezegun import freeze_time
 
 from repeat_every import RunRecord, lifespan, repeat_every
-from repeat_every.testing import FakeClock, RunHistory, RunStalledError
+from repeat_every.testing import FakeClock, RunHistory, RunStalledError, real_time
 
 UTC = dt.timezone.utc
 
@@ -107,6 +107,70 @@ async def test_deadlines_run_in_order_and_ties_in_start_order(fake_clock: FakeCl
         (6.0, "a"),
         (6.0, "b"),
     ]
+
+
+# -- a task alone jumps to its next tick -----------------------------------------------------------
+
+
+async def test_a_task_alone_sees_every_instant_and_wall_time_of_a_long_advance() -> None:
+    # One task and nothing else: it goes from run to run without a step of advance() between
+    # them (FakeClock._jump). Each run still sees its own virtual instant and wall time.
+    start = dt.datetime(2030, 1, 1, tzinfo=UTC)
+    seen: list[tuple[float, dt.datetime]] = []
+    with FakeClock(start=start) as clock:
+
+        @repeat_every(seconds=1)
+        async def job() -> None:
+            seen.append((clock.now, dt.datetime.now(UTC)))
+
+        handle = job()
+        await clock.advance(2000)
+        handle.cancel()
+    assert [now for now, _ in seen] == [float(k) for k in range(2001)]
+    assert [wall for _, wall in seen] == [start + dt.timedelta(seconds=k) for k in range(2001)]
+    assert clock.history.total == 2001
+
+
+async def test_what_a_run_leaves_ready_runs_at_the_run_s_instant(fake_clock: FakeClock) -> None:
+    # A callback the run schedules must run before time moves on, as it would in real time.
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[float, float]] = []
+
+    @repeat_every(seconds=1)
+    async def job() -> None:
+        at = fake_clock.now
+        loop.call_soon(lambda: seen.append((at, fake_clock.now)))
+
+    handle = job()
+    await fake_clock.advance(500)
+    handle.cancel()
+    assert len(seen) == 501
+    assert all(run_at == called_at for run_at, called_at in seen)
+
+
+async def test_the_event_loop_still_polls_while_a_task_runs_tick_after_tick(
+    fake_clock: FakeClock,
+) -> None:
+    # A real-time callback made due during a long advance runs within a few hundred runs: the
+    # task jumps at most _MAX_JUMPS times in a row before it really waits once.
+    loop = asyncio.get_running_loop()
+    runs_when_fired: list[int] = []
+    runs = 0
+
+    @repeat_every(seconds=1)
+    async def job() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 10:
+            with real_time():
+                loop.call_later(0, lambda: runs_when_fired.append(runs))
+
+    handle = job()
+    await fake_clock.advance(5000)
+    handle.cancel()
+    assert runs == 5001
+    assert runs_when_fired
+    assert runs_when_fired[0] <= 10 + 256 + 1
 
 
 # -- threads ---------------------------------------------------------------------------------------

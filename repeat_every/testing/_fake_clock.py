@@ -38,6 +38,10 @@ _FAST_YIELDS = 4
 # The slow path re-checks at least this often (real seconds) while it waits for news.
 _POLL = 0.005
 
+# At most this many jumps in a row (see FakeClock._jump) before the task that jumps really
+# waits once, so the event loop still polls its I/O between them.
+_MAX_JUMPS = 256
+
 # Records the history keeps by default (counts stay exact beyond it): ~300 B each.
 DEFAULT_HISTORY = 10_000
 
@@ -132,8 +136,7 @@ class RunHistory(Sequence[RunRecord]):
         with self._lock:
             self._total += 1
             self._counts[record.task, record.outcome] += 1
-            if self._limit != 0:
-                self._records.append(record)
+            self._records.append(record)  # (a no-op when the limit is 0: maxlen=0)
 
     @overload
     def __getitem__(self, index: int) -> RunRecord: ...
@@ -229,6 +232,10 @@ class FakeClock:
       run due up to and including ``now + seconds``, one deadline at a time in deadline order
       (ties: the order the tasks started), and at each deadline waits until every woken task
       has finished its run (runs in worker threads included) and is asleep again or has ended.
+      When one task alone has work up to its next tick (nothing else awake, due or ready to
+      run on the loop), it goes on to that tick at once, without a step of ``advance``
+      between: the same runs at the same instants, at a fraction of the cost. It does so at
+      most 256 times in a row, so the event loop still polls its I/O during a long advance.
     - **Virtual time inside runs.** A run's own ``asyncio.sleep``, ``asyncio.wait_for``,
       ``asyncio.timeout``/``timeout_at``, ``loop.call_later``/``call_at``/``loop.time()`` and
       what is built on them (anyio on asyncio, tenacity, stamina, backoff) take virtual time,
@@ -297,6 +304,8 @@ class FakeClock:
         self._order = itertools.count()
         self._seq = itertools.count()
         self._history = RunHistory(history)
+        # TaskObserver.run_finished: the history's own method, one call less per attempt.
+        self.run_finished: Callable[[RunRecord], None] = self._history._add
         self._install_stack = contextlib.ExitStack()
         self._installed = False
         self._waiter_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -304,6 +313,13 @@ class FakeClock:
         self._moves = 0  # how many times time moved or tasks were woken
         self._changes = 0  # how many times anything the clock watches changed
         self._driver: object = None  # the task or thread inside advance()
+        # While an advance() runs on a loop: its target (ns, else -1), loop, ready queue and
+        # travel, and how many jumps it allows before the next step of its own (see _jump).
+        self._jump_until = -1
+        self._jump_loop: asyncio.AbstractEventLoop | None = None
+        self._jump_ready: Any = None
+        self._jump_travel: _TimeMachineTravel | _FreezegunTravel | None = None
+        self._jumps_left = 0
         self._closed = False
 
     # -- installing --------------------------------------------------------------------------
@@ -423,7 +439,7 @@ class FakeClock:
             raise RuntimeError("FakeClock.sleep() must be awaited inside an asyncio task")
         with self._lock:
             activity = self._activities.get(task) or self._track(task)
-        return self._sleep_of(activity, task.get_loop(), seconds)
+        return self._sleep_of(activity, task.get_loop(), False, seconds)
 
     def hot_path(self) -> tuple[Callable[[], int], Callable[[float], Awaitable[None]]]:
         """[`monotonic_ns`][], and
@@ -444,22 +460,85 @@ class FakeClock:
                 patch = LoopPatch(loop, self)
                 self._patches[loop] = patch if patch.install() else None
         # sleep() without looking up the task: a day of a 1 s job calls this 86,400 times.
-        return self.monotonic_ns, functools.partial(self._sleep_of, activity, loop)
+        return self.monotonic_ns, functools.partial(self._sleep_of, activity, loop, True)
 
     def _sleep_of(
-        self, activity: _Activity, loop: asyncio.AbstractEventLoop, seconds: float
+        self,
+        activity: _Activity,
+        loop: asyncio.AbstractEventLoop,
+        awaited_now: bool,
+        seconds: float,
     ) -> asyncio.Future[None]:
-        """A future the clock resolves ``seconds`` (> 0) from now; ``activity`` sleeps on it."""
+        """A future the clock resolves ``seconds`` (> 0) from now; ``activity`` sleeps on it.
+
+        ``awaited_now``: the caller awaits the future at once (a task's loop does), so it may
+        be resolved at once when nothing else could run before its deadline (see `_jump`).
+        """
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            deadline = self._now + to_ns(seconds)
+            deadline = self._now + round(seconds * NS)  # (to_ns() and _notify(), inlined)
+            if (
+                deadline <= self._jump_until
+                and awaited_now
+                and self._may_jump(activity, loop, deadline)
+            ):
+                return self._jump(future, deadline)
             heapq.heappush(
                 self._sleepers, (deadline, activity.order, next(self._seq), future, activity)
             )
             self._asleep[activity] = future
             self._awake.discard(activity)
-            self._notify()
+            self._changes += 1
+            if self._blocked:
+                self._changed.notify_all()
         return future
+
+    def _may_jump(
+        self, activity: _Activity, loop: asyncio.AbstractEventLoop, deadline: int
+    ) -> bool:
+        """Whether ``activity`` (the running task, about to sleep until ``deadline``) may
+        skip the wait: an advance() on its loop reaches ``deadline``, nothing else is due up
+        to it, and nothing else is awake or ready to run. (Under the lock.)
+
+        Then what advance() would do — let the task go to sleep, see everything idle, move
+        time to ``deadline`` and wake the task — comes to the same: the task goes on at once,
+        at ``deadline``, with no loop iteration and no step of advance() in between. The only
+        other callback ready must be advance()'s own next step.
+        """
+        if loop is not self._jump_loop or self._busy or self._jumps_left <= 0:
+            return False
+        awake = self._awake
+        if len(awake) != 1 or activity not in awake:
+            return False
+        ready = self._jump_ready
+        if len(ready) != 1 or getattr(ready[0]._callback, "__self__", None) is not self._driver:
+            return False
+        sleepers = self._sleepers
+        while sleepers and sleepers[0][3].done():
+            heapq.heappop(sleepers)
+        if sleepers and sleepers[0][0] <= deadline:
+            return False
+        timers = self._timers
+        while timers and not _timer_alive(timers[0][2]):
+            heapq.heappop(timers)
+        return not timers or timers[0][0] > deadline
+
+    def _jump(self, future: asyncio.Future[None], deadline: int) -> asyncio.Future[None]:
+        """Move time to ``deadline`` and resolve ``future`` at once (see `_may_jump`)."""
+        self._jump_to(deadline)
+        future.set_result(None)
+        return future
+
+    def _jump_to(self, deadline: int) -> None:
+        self._jumps_left -= 1
+        self._now = deadline
+        self._moves += 1
+        self._changes += 1
+        if self._blocked:
+            self._changed.notify_all()
+        travel = self._jump_travel
+        if travel is not None:
+            travel.move_to(self.now_datetime)
 
     def task_started(self, task: asyncio.Task[Any]) -> None:
         with self._lock:
@@ -533,9 +612,6 @@ class FakeClock:
     def wants_records(self) -> bool:
         return True
 
-    def run_finished(self, record: RunRecord) -> None:
-        self._history._add(record)
-
     def _track(self, future: asyncio.Future[Any]) -> _Activity:
         activity = _Activity(future, next(self._order), _virtual.scope_of(None))
         self._activities[future] = activity
@@ -586,6 +662,16 @@ class FakeClock:
     ) -> VirtualTimer:
         with self._lock:
             timer = VirtualTimer(max(deadline, self._now), callback, args, loop, context, scope)
+            if timer.deadline <= self._jump_until and callback is _SLEEP_DONE:
+                # asyncio.sleep() inside a run: it awaits its future right after this returns,
+                # so it may be resolved at once when nothing else could run before it is due.
+                task = asyncio.current_task()
+                activity = self._activities.get(task) if task is not None else None
+                if activity is not None and self._may_jump(activity, loop, timer.deadline):
+                    timer._fired = True
+                    self._jump_to(timer.deadline)
+                    _virtual.run_timer(timer)
+                    return timer
             heapq.heappush(self._timers, (timer.deadline, next(self._seq), timer))
             scope.waits += 1
             self._waits += 1
@@ -660,16 +746,25 @@ class FakeClock:
         with self._driving("advance"):
             await self._settle(loop)
             travel = self._follow_travel()
-            while True:
-                due = self._next_due(target, travel)
-                if due is None:
-                    return
-                self._wake(due, loop)
-                await asyncio.sleep(0)  # the common case: the woken tasks ran and sleep again
-                # (Once per deadline, so the common case is read without the lock: nothing
-                # awake, no thread at work, nothing ready to run.)
-                if (self._awake or self._busy or ready) and not self._quiet(loop):
-                    await self._settle(loop)
+            if ready is not None:  # tasks may jump to their next deadline (see _jump)
+                self._jump_loop, self._jump_ready, self._jump_travel = loop, ready, travel
+                self._jump_until = target
+            try:
+                while True:
+                    due = self._next_due(target, travel, loop)
+                    if due is None:
+                        return
+                    if due:
+                        self._wake(due, loop)
+                    self._jumps_left = _MAX_JUMPS
+                    await asyncio.sleep(0)  # the common case: the woken ran and sleep again
+                    # (Once per deadline, so the common case is read without the lock: nothing
+                    # awake, no thread at work, nothing ready to run.)
+                    if (self._awake or self._busy or ready) and not self._quiet(loop):
+                        await self._settle(loop)
+            finally:
+                self._jump_until = -1
+                self._jump_loop = self._jump_ready = self._jump_travel = None
 
     async def step(self) -> float | None:
         """Advance to the next pending deadline and run what is due there.
@@ -760,7 +855,7 @@ class FakeClock:
             self._settle_blocking()
             travel = self._follow_travel()
             while True:
-                due = self._next_due(target, travel)
+                due = self._next_due(target, travel, None)
                 if due is None:
                     return
                 self._wake(due, None)
@@ -851,37 +946,60 @@ class FakeClock:
             heapq.heappop(timers)
 
     def _next_due(
-        self, target: int, travel: _TimeMachineTravel | _FreezegunTravel | None
+        self,
+        target: int,
+        travel: _TimeMachineTravel | _FreezegunTravel | None,
+        loop: asyncio.AbstractEventLoop | None,
     ) -> list[asyncio.Future[None] | VirtualTimer] | None:
-        """Move to the next deadline ≤ ``target`` and take what is due there (threads parked
-        in ``time.sleep`` are woken at once); ``None``: nothing is due, time moved to target."""
+        """Move to the next deadline ≤ ``target`` and wake what is due there: sleepers on
+        ``loop`` (the caller's) and threads parked in ``time.sleep`` at once; the rest (timers,
+        sleepers on other loops) is returned for `_wake`. ``None``: nothing is due, time moved
+        to ``target``.
+
+        (The hot path of every simulated run: `_drop_dead` and `_notify` are inlined.)
+        """
         due: list[asyncio.Future[None] | VirtualTimer] = []
-        moved_to_target = False
         with self._lock:
             if not self._awake:
                 # A set never shrinks, and iterating it visits every slot it ever had: after
                 # 10,000 tasks started at once, a fresh one keeps each step O(woken).
                 self._awake = set()
-            self._drop_dead()
             sleepers = self._sleepers
+            while sleepers and sleepers[0][3].done():
+                heapq.heappop(sleepers)
             timers = self._timers
-            nxt: int | None
             if timers:  # waits inside runs pending: the earlier of the two heaps
-                nxt = timers[0][0] if not sleepers else min(sleepers[0][0], timers[0][0])
+                while timers and not _timer_alive(timers[0][2]):
+                    heapq.heappop(timers)
+                if timers:
+                    nxt = timers[0][0] if not sleepers else min(sleepers[0][0], timers[0][0])
+                else:
+                    nxt = sleepers[0][0] if sleepers else target + 1
             else:
-                nxt = sleepers[0][0] if sleepers else None
-            if nxt is None or nxt > target:
+                nxt = sleepers[0][0] if sleepers else target + 1
+            self._moves += 1
+            self._changes += 1
+            if self._blocked:
+                self._changed.notify_all()
+            if nxt > target:
                 self._now = max(self._now, target)
-                moved_to_target = True
+                moved = False
             else:
-                now = self._now = max(self._now, nxt)
+                # (Every deadline is ≥ the instant it was set at, so ≥ now: time moves forward.)
+                self._now = now = nxt
+                moved = True
+                asleep, awake = self._asleep, self._awake
                 while sleepers and sleepers[0][0] <= now:
                     _, _, _, future, activity = heapq.heappop(sleepers)
                     if not future.done():
                         # Busy from now on, even before it resumes.
-                        self._asleep.pop(activity, None)
-                        self._awake.add(activity)
-                        due.append(future)
+                        del asleep[activity]
+                        awake.add(activity)
+                        if future.get_loop() is loop:
+                            # Resumes only when the caller yields, after the travel moved.
+                            future.set_result(None)
+                        else:
+                            due.append(future)
                 while timers and timers[0][0] <= now:  # (skipped at once when empty)
                     item = heapq.heappop(timers)[2]
                     if not _timer_alive(item):
@@ -895,11 +1013,9 @@ class FakeClock:
                         item._fired = True
                         self._wait_ended(item.scope)
                         due.append(item)
-            self._moves += 1
-            self._notify()
         if travel is not None:
             travel.move_to(self.now_datetime)
-        return None if moved_to_target else due
+        return due if moved else None
 
     def _wake(
         self,
@@ -972,6 +1088,10 @@ def _describe_driver(driver: object) -> str:
         return f"thread {driver.name!r}"
     return repr(driver)
 
+
+# The callback of asyncio.sleep()'s timer (None if a Python version names it otherwise: then
+# such sleeps are stepped by advance() as any other timer).
+_SLEEP_DONE: object = getattr(asyncio.futures, "_set_result_unless_cancelled", None)
 
 # The futures come from loop.create_future(): asyncio.Future (under uvloop too).
 _future_done = asyncio.Future.done

@@ -162,6 +162,13 @@ class LoopPatch:
         self.loop = loop
         self.clock = clock
         self._real_time = loop.time
+        # The loop reads its clock once per iteration. The base loop's own method only returns
+        # time.monotonic(): _time() does the same itself (one Python call less per iteration).
+        # (Not when another clock's diversion shadows it: that one is "real" for this one.)
+        self._base_time = (
+            type(loop).time is asyncio.BaseEventLoop.time
+            and _instance_attribute(loop, "time") is None
+        )
         self._real_call_at = loop.call_at
         self._real_call_later = loop.call_later
         self._real_run_in_executor = loop.run_in_executor
@@ -199,7 +206,7 @@ class LoopPatch:
     def _time(self) -> float:
         scope = _scope.get()
         if scope is None or scope.clock is not self.clock:
-            return self._real_time()
+            return time.monotonic() if self._base_time else self._real_time()
         return self.clock._now / NS
 
     def _call_at(

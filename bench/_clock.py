@@ -3,7 +3,12 @@
 Only repeat-every under ``repeat_every.testing.FakeClock`` (no other library offers the same):
 
 - **one job**: a 1 s job for a day (86,400 runs), the per-run figure the others are set
-  against;
+  against. Alone, the job goes from tick to tick without a step of ``advance`` between (the
+  clock's jump: nothing else is due in between), so this is the clock's cheapest path;
+- **10 staggered jobs**: each every 1 s, job i first due at i/10 s, for an hour (36,000
+  runs): every run has an instant of its own and another job is due before each job's next
+  tick, so every run takes a step of ``advance`` and an event-loop iteration — the path the
+  10,000 jobs take, with few sleepers: the reference for how a step scales with them;
 - **10,000 staggered jobs**: each every 1 s, job i first due at i/10,000 s, so the clock has
   10,000 sleepers and every run an instant of its own, simulated for 60 virtual seconds
   (600,000 runs). If a step costs work proportional to the number of sleeping tasks, this is
@@ -53,6 +58,7 @@ def plan(quick: bool) -> list[Params]:
     """The one-job reference, the staggered crowd, the month (smaller in quick mode)."""
     return [
         {"case": "one job", "jobs": 1, "horizon": 3600 if quick else DAY, "budget_s": None},
+        {"case": "few staggered", "jobs": 10, "horizon": 600 if quick else 3600, "budget_s": None},
         {
             "case": "staggered",
             "jobs": 1000 if quick else 10_000,
@@ -134,7 +140,7 @@ def report(results: list[tuple[Params, Result]], out: Path) -> Section:
         return float(r["advance_s"]) / r["runs"] * 1e6 if r["runs"] else math.nan
 
     rows = []
-    for case in ("one job", "staggered"):
+    for case in ("one job", "few staggered", "staggered"):
         if case not in by_case:
             continue
         p, r = by_case[case]
@@ -156,7 +162,8 @@ def report(results: list[tuple[Params, Result]], out: Path) -> Section:
     if rows:
         body.append(
             "**Many sleeping tasks.** µs per run = real time spent in `advance` / runs made "
-            "(starting the jobs is timed apart); ratio = this row's µs per run / one job's.\n\n"
+            "(starting the jobs is timed apart); ratio = this row's µs per run / one job's "
+            "(one job alone takes the clock's cheapest path: see the module's docstring).\n\n"
             + table(
                 [
                     "",
@@ -171,19 +178,21 @@ def report(results: list[tuple[Params, Result]], out: Path) -> Section:
                 rows,
             )
         )
-    if "staggered" in by_case and "one job" in by_case:
+    if "staggered" in by_case and "few staggered" in by_case:
         p, r = by_case["staggered"]
-        over = ratio(us("staggered"), us("one job"))
+        few = by_case["few staggered"][0]["jobs"]
+        over = ratio(us("staggered"), us("few staggered"))
         partial = r["simulated_s"] < p["horizon"]
         headline.append(
             Headline(
                 "6 FakeClock scale",
                 f"µs per run, {p['jobs']:,} staggered jobs for {p['horizon']:g} s"
                 + (f" (only {r['simulated_s']:g} s simulated: budget)" if partial else "")
-                + " vs 1 job",
-                {OURS: f"{fmt(us('staggered'))} vs {fmt(us('one job'))}"},
+                + f" vs {few} staggered jobs (the same path, few sleepers; 1 job alone: "
+                + f"{fmt(us('one job'))}, {fmt_ratio(ratio(us('staggered'), us('one job')))})",
+                {OURS: f"{fmt(us('staggered'))} vs {fmt(us('few staggered'))}"},
                 fmt_ratio(over),
-                f"≤ {SCALE_TARGET:g}× one job",
+                f"≤ {SCALE_TARGET:g}× {few} staggered",
                 over <= SCALE_TARGET,
             )
         )

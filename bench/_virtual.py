@@ -26,10 +26,9 @@ time / runs: fastapi-utils sleeps a full period *after* each run, so with a slee
 does fewer runs in the same horizon), against the floor: one bare asyncio future wake-up
 (``_common.wakeup_floor``) per wait a run makes — its tick, plus each sleep inside it.
 
-Today's FakeClock does not make the job's own ``asyncio.sleep`` virtual: the sleeping day's
-run is given ``FakeClock(timeout=0.2)``, so a run that waits on real time raises
-``RunStalledError`` at its first run (instead of taking 0.5 real seconds per run), and the row
-reads "unsupported (stalls)".
+The sleeping day's FakeClock is given ``FakeClock(timeout=0.2)``: a FakeClock whose runs'
+``asyncio.sleep`` were not virtual (before 0.2) raised ``RunStalledError`` at the first run
+instead of taking 0.5 real seconds per run, and the row then reads "unsupported (stalls)".
 """
 
 from __future__ import annotations

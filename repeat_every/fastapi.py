@@ -25,6 +25,8 @@ from ._task import PeriodicTask, TaskHandle, running_handles
 from .stores._common import owner, redact_url
 
 __all__ = [
+    "UNTIMED_RUN_SECONDS",
+    "FleetClaim",
     "FleetRun",
     "FleetStatus",
     "HealthReport",
@@ -140,7 +142,7 @@ class HealthReport(BaseModel):
 
 
 class RunResult(BaseModel):
-    """``POST /tasks/{name}/run``: the last attempt of the run it made (a `RunRecord`)."""
+    """``POST /tasks/{name}/run``: the last attempt of the run it made (from its ``RunRecord``)."""
 
     task: str
     ok: bool
@@ -171,15 +173,15 @@ def tasks_router(
 
     ``app.include_router(tasks_router())`` adds:
 
-    - ``GET /tasks``: every task, as `TasksReport` (``worker``: the ``host:pid`` that
-      answered; ``tasks``: one `TaskInfo` each, by name);
+    - ``GET /tasks``: every task, as [`TasksReport`][] (``worker``: the ``host:pid`` that
+      answered; ``tasks``: one [`TaskInfo`][] each, by name);
     - ``GET /tasks/{name}``: one task (404 naming the known tasks when there is none of that
       name);
-    - ``GET /health/tasks``: `HealthReport`, status 200 when every task is healthy, 503
+    - ``GET /health/tasks``: [`HealthReport`][], status 200 when every task is healthy, 503
       naming each one that is not;
     - with ``control=True`` only: ``POST /tasks/{name}/run`` (``handle.run_now()``, answers
-      `RunResult`), ``POST /tasks/{name}/pause`` and ``POST /tasks/{name}/resume``
-      (answer `TaskInfo`); 409 when the task is not running.
+      [`RunResult`][]), ``POST /tasks/{name}/pause`` and ``POST /tasks/{name}/resume``
+      (answer [`TaskInfo`][]); 409 when the task is not running.
 
     **Which tasks.** The ``tasks`` given (decorated functions or handles; a function shows
     its latest loop), in that order; with none, every task running in the event loop that
@@ -198,7 +200,7 @@ def tasks_router(
     ``expected_since`` is the tick before the latest one that has had its run budget to end
     (two ticks missed in a row make a task unhealthy: one failure is tolerated, the next tick
     may recover it), where the run budget is the task's ``jitter`` plus ``attempts × timeout``
-    and the retry backoffs (`UNTIMED_RUN_SECONDS` stands for a task without ``timeout``).
+    and the retry backoffs ([`UNTIMED_RUN_SECONDS`][] stands for a task without ``timeout``).
     For a task on a process-local grid, that is two periods plus the budget ago. ``staleness``
     (seconds or a ``timedelta``; or a mapping from task names to them) replaces the rule by a
     plain age. A paused task is healthy (pausing is a decision); a loop that ended by an

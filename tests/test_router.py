@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import importlib
-import inspect
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,6 @@ from repeat_every.stores import RedisClaimStore, SQLiteClaimStore
 from repeat_every.stores._common import owner
 from repeat_every.testing import FakeClock
 
-SRC = Path(__file__).resolve().parent.parent / "docs" / "src"
 UTC = dt.timezone.utc
 START = dt.datetime(2025, 1, 8, 8, 0, tzinfo=UTC)  # a Wednesday, 08:00 UTC
 MINUTE = 60
@@ -671,12 +667,3 @@ def test_the_constructor_refuses_bad_arguments_naming_them() -> None:
         tasks_router(staleness=-1)
     with pytest.raises(TypeError, match=r"staleness\['a'\] must be a number of seconds"):
         tasks_router(staleness={"a": "1h"})  # type: ignore[dict-item]
-
-
-# -- the examples of docs/operating.md, run as a user's test suite would run them ------------------
-
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))  # they import router_app as a user's tests import their app
-for _name, _test in vars(importlib.import_module("router_testing")).items():
-    if _name.startswith("test_") and inspect.isfunction(_test):
-        globals()[f"{_name}__docs"] = _test

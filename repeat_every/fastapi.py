@@ -454,31 +454,43 @@ class _View:
             run.exception()  # retrieved, when its caller hung up before it ended
 
     async def infos(self, entries: list[_Entry]) -> list[TaskInfo]:
+        """The tasks as the routes show them, each store read once, all stores at once."""
         stores: list[Any] = [self.store or _own_store(entry.task) for entry in entries]
-        fleets = await asyncio.gather(
-            *(self.fleet(store, entry.name) for store, entry in zip(stores, entries, strict=True))
-        )
-        return [self.info(entry, fleet) for entry, fleet in zip(entries, fleets, strict=True)]
+        names: dict[int, tuple[Any, set[str]]] = {}  # by store: the store, its tasks' names
+        for store, entry in zip(stores, entries, strict=True):
+            if store is not None:
+                names.setdefault(id(store), (store, set()))[1].add(entry.name)
+        read = await asyncio.gather(*(self.fleet(store, tasks) for store, tasks in names.values()))
+        fleets = dict(zip(names, read, strict=True))
+        return [
+            self.info(entry, None if store is None else fleets[id(store)][entry.name])
+            for store, entry in zip(stores, entries, strict=True)
+        ]
 
-    async def fleet(self, store: Any, name: str) -> FleetStatus | None:
-        if store is None:
-            return None
+    async def fleet(self, store: Any, names: set[str]) -> dict[str, FleetStatus]:
+        """What ``store`` knows of the tasks ``names``: one ``statuses()`` read for several
+        tasks (when the store has it), else one ``status(name)`` each; an error for all when
+        the store fails or is slower than ``store_timeout``."""
         shown = redact_url(repr(store))
         if not inspect.iscoroutinefunction(getattr(store, "status", None)):
-            return FleetStatus(store=shown, error="this store keeps no run records (no status())")
+            error = "this store keeps no run records (no status())"
+            return {name: FleetStatus(store=shown, error=error) for name in names}
         try:
-            status = await asyncio.wait_for(store.status(name), self.store_timeout)
-            return FleetStatus(
-                store=shown,
-                last_claim=_claim(status.last_claim),
-                last_success=_run(status.last_success),
-                last_failure=_run(status.last_failure),
-            )
+            if len(names) > 1 and inspect.iscoroutinefunction(getattr(store, "statuses", None)):
+                every = await asyncio.wait_for(store.statuses(), self.store_timeout)
+                known = {status.task: status for status in every}
+            else:
+                reads = asyncio.gather(*(store.status(name) for name in names))
+                known = {
+                    status.task: status
+                    for status in await asyncio.wait_for(reads, self.store_timeout)
+                }
+            return {name: _fleet_status(shown, known.get(name)) for name in names}
         except asyncio.TimeoutError:
             error = f"no answer from the store in {self.store_timeout:g} s"
         except Exception as exc:
             error = redact_url(f"{type(exc).__name__}: {exc}")[:_ERROR_CHARS]
-        return FleetStatus(store=shown, error=error)
+        return {name: FleetStatus(store=shown, error=error) for name in names}
 
     def info(self, entry: _Entry, fleet: FleetStatus | None) -> TaskInfo:
         handle = entry.handle
@@ -627,6 +639,17 @@ def _first_delay(schedule: Schedule) -> int:
 def _utc(ns: int) -> dt.datetime:
     whole, part = divmod(ns, NS)
     return _EPOCH + dt.timedelta(seconds=whole, microseconds=part // 1000)
+
+
+def _fleet_status(store: str, status: Any) -> FleetStatus:
+    if status is None:  # a task the store never saw
+        return FleetStatus(store=store)
+    return FleetStatus(
+        store=store,
+        last_claim=_claim(status.last_claim),
+        last_success=_run(status.last_success),
+        last_failure=_run(status.last_failure),
+    )
 
 
 def _claim(claim: Any) -> FleetClaim | None:

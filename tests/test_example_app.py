@@ -304,6 +304,11 @@ def test_demo_command_with_four_workers_runs_each_cleanup_tick_once(tmp_path: Pa
             else:
                 pytest.fail(f"the demo did not answer in 30 s:\n{log_path.read_text()}")
             time.sleep(4 * period)
+            # Whichever worker answers, the store's records show the fleet's last clean-up.
+            answers = [
+                httpx.get(f"http://127.0.0.1:{port}/tasks", timeout=5).json() for _ in range(8)
+            ]
+            health = httpx.get(f"http://127.0.0.1:{port}/health/tasks", timeout=5)
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
@@ -318,3 +323,9 @@ def test_demo_command_with_four_workers_runs_each_cleanup_tick_once(tmp_path: Pa
     assert len(ticks) >= 3, text
     assert max(ticks.values()) == 1, f"a tick ran more than once: {ticks}\n{text}"
     assert text.count("Application startup complete") == 4
+    assert health.status_code == 200, health.text
+    for answer in answers:
+        (cleanup,) = [t for t in answer["tasks"] if t["name"] == "remove_expired_tokens"]
+        last = cleanup["fleet"]["last_success"]
+        assert last is not None, answer
+        assert int(last["worker"].rsplit(":", 1)[1]) in {pid for pid, _ in runs}

@@ -42,6 +42,8 @@ UNTIMED_RUN_SECONDS = 60.0
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _ERROR_CHARS = 500  # of a store's error text in a response
+_NOT_FOUND: dict[str, Any] = {"description": "No task of that name"}
+_NOT_RUNNING: dict[str, Any] = {"description": "The task is not running"}
 
 
 # -- what the routes answer ------------------------------------------------------------------------
@@ -233,7 +235,12 @@ def tasks_router(
         """Each periodic task: its state in this worker, its health, its fleet-wide records."""
         return TasksReport(worker=owner(), tasks=await view.infos(view.entries()))
 
-    @router.get(health_path, response_model=HealthReport, summary="Health of the tasks")
+    @router.get(
+        health_path,
+        response_model=HealthReport,
+        summary="Health of the tasks",
+        responses={503: {"model": HealthReport, "description": "A task is unhealthy"}},
+    )
     async def health(response: Response) -> HealthReport:
         """200 when every task is healthy; 503 naming each task that is not."""
         infos = await view.infos(view.entries())
@@ -241,7 +248,12 @@ def tasks_router(
         response.status_code = 200 if report.healthy else 503
         return report
 
-    @router.get(path + "/{name:path}", response_model=TaskInfo, summary="One periodic task")
+    @router.get(
+        path + "/{name:path}",
+        response_model=TaskInfo,
+        summary="One periodic task",
+        responses={404: _NOT_FOUND},
+    )
     async def get_task(name: str) -> TaskInfo:
         """One task by name; 404 if the router has none of that name."""
         (info,) = await view.infos([view.entry(name)])
@@ -252,6 +264,7 @@ def tasks_router(
 
     @router.post(
         path + "/{name:path}/run",
+        responses={404: _NOT_FOUND, 409: _NOT_RUNNING},
         response_model=RunResult,
         dependencies=[guard],
         summary="Run a task now",
@@ -278,6 +291,7 @@ def tasks_router(
 
     @router.post(
         path + "/{name:path}/pause",
+        responses={404: _NOT_FOUND, 409: _NOT_RUNNING},
         response_model=TaskInfo,
         dependencies=[guard],
         summary="Pause a task",
@@ -289,6 +303,7 @@ def tasks_router(
 
     @router.post(
         path + "/{name:path}/resume",
+        responses={404: _NOT_FOUND, 409: _NOT_RUNNING},
         response_model=TaskInfo,
         dependencies=[guard],
         summary="Resume a task",

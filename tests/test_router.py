@@ -516,6 +516,13 @@ def test_without_control_there_is_no_post_route(clock: FakeClock) -> None:
     with TestClient(serve(quiet)) as client:
         assert client.post("/tasks/quiet/run").status_code == 405
         assert client.post("/tasks/quiet/pause").status_code == 405
+        paths = client.get("/openapi.json").json()["paths"]
+    assert {path: sorted(paths[path]) for path in paths} == {
+        "/tasks": ["get"],
+        "/tasks/{name}": ["get"],
+        "/health/tasks": ["get"],
+    }
+    assert sorted(paths["/health/tasks"]["get"]["responses"]) == ["200", "503"]
 
 
 def test_the_users_dependency_refuses_callers_and_nothing_happens(clock: FakeClock) -> None:

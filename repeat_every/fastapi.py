@@ -168,7 +168,7 @@ def tasks_router(
     authorize: Depends | Callable[..., Any] | None = None,
     path: str = "/tasks",
     health_path: str = "/health/tasks",
-    store_timeout: float = 0.5,
+    store_timeout: Seconds = 0.5,
     tags: list[str] | None = None,
 ) -> APIRouter:
     """A FastAPI router that shows periodic tasks, checks their health and may control them.
@@ -322,20 +322,20 @@ def tasks_router(
 def _given(tasks: tuple[object, ...]) -> list[PeriodicTask[Any] | TaskHandle] | None:
     if not tasks:
         return None
-    names: set[str] = set()
+    given: list[PeriodicTask[Any] | TaskHandle] = []
     for task in tasks:
         if not isinstance(task, (PeriodicTask, TaskHandle)):
             raise TypeError(
                 "tasks_router takes periodic tasks (the functions @repeat_every or @repeat_at "
                 f"decorated) or their handles, got {task!r}"
             )
-        if task.name in names:
+        if any(task.name == other.name for other in given):
             raise ValueError(
                 f"two tasks named {task.name!r} given to tasks_router: a task's name is its URL "
                 "(/tasks/{name}); give one of them another name="
             )
-        names.add(task.name)
-    return list(tasks)  # type: ignore[arg-type]  # checked above
+        given.append(task)
+    return given
 
 
 def _check_store(store: object) -> object:

@@ -387,8 +387,8 @@ def test_a_success_another_host_recorded_counts_in_the_fleet_view(
         stale = client.get("/tasks/rotate-keys").json()
 
         async def other_host() -> None:  # another host ran the 08:10 tick, well
-            await store.record_run("rotate-keys", 0, when(10 * MINUTE).timestamp(), 1.5,
-                                   worker="db-2:4242")  # fmt: skip
+            started = when(10 * MINUTE).timestamp()
+            await store.record_run("rotate-keys", 0, started, 1.5, worker="db-2:4242")
 
         client.portal.call(other_host)  # type: ignore[union-attr]
         fleet = client.get("/tasks/rotate-keys").json()

@@ -179,9 +179,10 @@ class TaskHandle:
     - ``await handle`` returns the handle at once (so ``await task()`` works).
     """
 
-    __slots__ = ("__weakref__", "_runner")
+    __slots__ = ("__weakref__", "_runner", "_start_wall")
 
     def __init__(self, task: PeriodicTask[Any], clock: Clock, loop: asyncio.AbstractEventLoop):
+        self._start_wall = clock.wall()  # when the loop started, on its wall clock
         self._runner = Runner(task, clock, loop, self._ended)
         _RUNNING.add(self)
         same = _BY_NAME.setdefault(task.name, self)
@@ -204,6 +205,11 @@ class TaskHandle:
     def task(self) -> PeriodicTask[Any]:
         """The periodic task this loop runs."""
         return self._runner.periodic
+
+    @property
+    def started_at(self) -> dt.datetime:
+        """Wall-clock (UTC) instant the loop started (what a health check counts grace from)."""
+        return dt.datetime.fromtimestamp(self._start_wall, dt.timezone.utc)
 
     @property
     def runs(self) -> int:

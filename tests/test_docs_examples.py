@@ -55,6 +55,7 @@ _TESTING_MODULES = [
 ]
 if sys.version_info >= (3, 11):  # its example uses asyncio.timeout
     _TESTING_MODULES.append("testing_inside_runs")
+_TESTING_MODULES.append("router_testing")  # docs/operating.md: the status router's tests
 for _module_name in _TESTING_MODULES:
     for _name, _test in vars(importlib.import_module(_module_name)).items():
         if _name.startswith("test_") and inspect.isfunction(_test):

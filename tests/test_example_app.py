@@ -7,11 +7,13 @@ UTC in winter). The last test runs the demo command itself with four worker proc
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,7 +130,7 @@ def test_tasks_endpoint_reports_runs_and_next_runs_of_both_jobs(
         assert at(cleanup["next_run_at"]) == dt.datetime(2025, 1, 6, 11, tzinfo=UTC)
         assert report["runs"] == 1  # 09:00 Paris; the next is Tuesday at 09:00 Paris
         assert at(report["next_run_at"]) == dt.datetime(2025, 1, 7, 8, tzinfo=UTC)
-        assert client.get("/tasks").json()["pid"] == os.getpid()
+        assert client.get("/tasks").json()["worker"] == f"{socket.gethostname()}:{os.getpid()}"
 
 
 def test_each_run_logs_what_it_did(
@@ -180,7 +182,78 @@ def test_two_app_instances_sharing_the_claim_store_run_each_tick_once(
         states = [tasks(first)["remove_expired_tokens"], tasks(second)["remove_expired_tokens"]]
     assert sum(int(s["runs"]) for s in states) == 3
     assert sum(int(s["elsewhere"]) for s in states) == 3
+    # Both instances see the fleet's last run, whichever of them ran it.
+    for state in states:
+        assert at(state["fleet"]["last_success"]["started_at"]) == dt.datetime(
+            2025, 1, 6, 10, tzinfo=UTC
+        )
     assert len(clock.history.of("remove_expired_tokens")) == 3
+
+
+def test_health_is_200_while_the_jobs_succeed_and_503_naming_a_cleanup_failing_twice(
+    settings: Settings, clock: FakeClock
+) -> None:
+    engine = create_engine(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        clock.advance_blocking(2 * HOUR)  # 09:30: clean-ups at 08:00 and 09:00, report at 08:00
+        healthy = client.get("/health/tasks")
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE tokens"))  # 10:00 and 11:00 fail
+        clock.advance_blocking(90 * MINUTE)  # 11:00
+        one_failure_later = client.get("/health/tasks")
+        clock.advance_blocking(1 * MINUTE)  # 11:01: the 11:00 run had its minute
+        unhealthy = client.get("/health/tasks")
+        cleanup = tasks(client)["remove_expired_tokens"]
+    engine.dispose()
+
+    assert healthy.status_code == 200
+    assert healthy.json()["unhealthy"] == []
+    assert one_failure_later.status_code == 200  # 10:00 failed, but 11:00 may recover
+    assert unhealthy.status_code == 503
+    assert unhealthy.json()["unhealthy"] == ["remove_expired_tokens"]
+    assert unhealthy.json()["detail"].startswith(
+        "1 of 2 task(s) unhealthy: remove_expired_tokens: stale: last success at "
+        "2025-01-06T09:00:00"
+    )
+    # The claim store's records: the last failure, with the worker that ran it.
+    failure = cleanup["fleet"]["last_failure"]
+    assert "no such table: tokens" in failure["error"]
+    assert failure["worker"] == f"{socket.gethostname()}:{os.getpid()}"
+    assert at(failure["started_at"]) == dt.datetime(2025, 1, 6, 11, tzinfo=UTC)
+    assert at(cleanup["fleet"]["last_success"]["started_at"]) == dt.datetime(
+        2025, 1, 6, 9, tzinfo=UTC
+    )
+
+
+def test_the_control_routes_are_off_without_an_admin_token_and_need_it_when_on(
+    settings: Settings, clock: FakeClock
+) -> None:
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/tasks/remove_expired_tokens/run").status_code == 405
+
+    admin = dataclasses.replace(settings, admin_token="let-me-in")
+    with TestClient(create_app(admin)) as client:
+        clock.run_due_blocking()
+        client.post("/tokens", json={"name": "brief", "lifetime_seconds": 60})
+        clock.advance_blocking(2 * MINUTE)  # 07:32: "brief" has expired
+        anonymous = client.post("/tasks/remove_expired_tokens/run")
+        wrong = client.post(
+            "/tasks/remove_expired_tokens/run", headers={"authorization": "Bearer guess"}
+        )
+        assert stored(client) == {"brief": True}
+        ran = client.post(
+            "/tasks/remove_expired_tokens/run", headers={"authorization": "Bearer let-me-in"}
+        )
+        assert stored(client) == {}
+        paused = client.post(
+            "/tasks/report_tokens/pause", headers={"authorization": "Bearer let-me-in"}
+        )
+
+    assert anonymous.status_code == 401
+    assert wrong.status_code == 403
+    assert ran.status_code == 200
+    assert (ran.json()["task"], ran.json()["ok"]) == ("remove_expired_tokens", True)
+    assert paused.json()["paused"] is True
 
 
 def test_a_token_needs_a_positive_lifetime(settings: Settings, clock: FakeClock) -> None:
@@ -231,6 +304,11 @@ def test_demo_command_with_four_workers_runs_each_cleanup_tick_once(tmp_path: Pa
             else:
                 pytest.fail(f"the demo did not answer in 30 s:\n{log_path.read_text()}")
             time.sleep(4 * period)
+            # Whichever worker answers, the store's records show the fleet's last clean-up.
+            answers = [
+                httpx.get(f"http://127.0.0.1:{port}/tasks", timeout=5).json() for _ in range(8)
+            ]
+            health = httpx.get(f"http://127.0.0.1:{port}/health/tasks", timeout=5)
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
@@ -245,3 +323,9 @@ def test_demo_command_with_four_workers_runs_each_cleanup_tick_once(tmp_path: Pa
     assert len(ticks) >= 3, text
     assert max(ticks.values()) == 1, f"a tick ran more than once: {ticks}\n{text}"
     assert text.count("Application startup complete") == 4
+    assert health.status_code == 200, health.text
+    for answer in answers:
+        (cleanup,) = [t for t in answer["tasks"] if t["name"] == "remove_expired_tokens"]
+        last = cleanup["fleet"]["last_success"]
+        assert last is not None, answer
+        assert int(last["worker"].rsplit(":", 1)[1]) in {pid for pid, _ in runs}

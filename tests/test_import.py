@@ -46,6 +46,12 @@ def test_import_loads_no_web_framework_database_or_test_tool(statement: str) -> 
     assert loaded == []
 
 
+def test_only_importing_repeat_every_fastapi_imports_fastapi() -> None:
+    assert "repeat_every.fastapi" not in _modules_after("import repeat_every")
+    modules = _modules_after("import repeat_every.fastapi")
+    assert {"fastapi", "pydantic"} <= modules
+
+
 def test_pytest_plugin_is_registered_by_entry_point() -> None:
     (entry_point,) = [
         ep

@@ -2,5 +2,6 @@
 
 ``python -m examples.tokens_app`` seeds a few short-lived tokens and serves the app on
 http://localhost:8000 with the clean-up every 5 s; ``curl localhost:8000/tasks`` shows each
-periodic job's runs. See ``docs/demo.md``.
+periodic job's runs, ``curl localhost:8000/health/tasks`` whether they are healthy. See
+``docs/demo.md``.
 """

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         seed(settings.database_url)
         log.info("seeded %d tokens into %s", len(SEED), settings.database_url)
     log.info(
-        "try: curl localhost:%d/tasks   curl localhost:%d/tokens   (Ctrl+C stops)",
+        "try: curl localhost:%d/tasks   curl localhost:%d/health/tasks   curl localhost:%d/tokens"
+        "   (Ctrl+C stops)",
+        args.port,
         args.port,
         args.port,
     )

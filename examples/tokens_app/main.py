@@ -8,8 +8,11 @@ Two jobs, started and stopped with the app by ``repeat_every.lifespan``:
   ``REPORT_TZ`` (weekdays at 09:00 Paris time by default).
 
 Both claim each tick in a :class:`~repeat_every.stores.SQLiteClaimStore`, so with
-``uvicorn --workers 4`` each tick runs in one worker, not four. ``GET /tasks`` shows what
-they did. Run it with ``python -m examples.tokens_app`` (see ``__main__.py``) or
+``uvicorn --workers 4`` each tick runs in one worker, not four. ``repeat_every.fastapi``'s
+router serves ``GET /tasks`` (what they did, here and fleet-wide), ``GET /health/tasks``
+(503 when one has not succeeded for too long) and, when ``ADMIN_TOKEN`` is set, the control
+routes (run now, pause, resume) for callers that send that token. Run it with
+``python -m examples.tokens_app`` (see ``__main__.py``) or
 ``uvicorn examples.tokens_app.main:app``.
 """
 
@@ -19,15 +22,16 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import os
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
 from repeat_every import lifespan, repeat_at, repeat_every
+from repeat_every.fastapi import tasks_router
 from repeat_every.stores import SQLiteClaimStore
 
 from .db import Token, count_tokens, create_tables, create_token, list_tokens, utcnow
@@ -130,16 +134,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with new_session() as db:
             return [TokenInfo.of(token, now) for token in list_tokens(db)]
 
-    @app.get("/tasks")
-    async def get_tasks() -> dict[str, object]:
-        """Each periodic job's state in this worker process: runs, failures, next run, ..."""
-        # async def: handles are read on the event loop's thread, where their state lives.
-        return {
-            "pid": os.getpid(),
-            "tasks": [task.handle.state.as_dict() for task in tasks if task.handle is not None],
-        }
+    # -- operating the jobs -------------------------------------------------------------------
+    # GET /tasks, GET /tasks/{name}, GET /health/tasks; with ADMIN_TOKEN set, also
+    # POST /tasks/{name}/run, /pause and /resume, for callers that send that token.
+    token = settings.admin_token
+    app.include_router(
+        tasks_router(*tasks, control=token is not None, authorize=bearer(token) if token else None)
+    )
 
     return app
+
+
+def bearer(token: str) -> Callable[[str], None]:
+    """A FastAPI dependency that lets through only ``Authorization: Bearer <token>``."""
+
+    def verify(authorization: str = Header("")) -> None:
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(
+                401, "send Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
+            )
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(403, "this token may not control the jobs")
+
+    return verify
 
 
 app = create_app()

@@ -26,6 +26,9 @@ class Settings:
     """When the token report runs (five cron fields)."""
     report_tz: str
     """The time zone ``report_cron`` is read in."""
+    admin_token: str | None = None
+    """The bearer token the control routes (``POST /tasks/{name}/run``, ``/pause``,
+    ``/resume``) require; ``None``: those routes are off."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -39,6 +42,8 @@ class Settings:
         - ``CLEANUP_SECONDS``: seconds between two clean-ups (default 3600: hourly).
         - ``REPORT_CRON`` and ``REPORT_TZ``: the report's schedule (default
           ``0 9 * * MON-FRI`` in ``Europe/Paris``: weekdays at 09:00 Paris time).
+        - ``ADMIN_TOKEN``: turns on the control routes, for callers that send
+          ``Authorization: Bearer $ADMIN_TOKEN`` (default: unset, the routes are off).
         """
         data_dir = Path(environ.get("DATA_DIR", DEFAULT_DATA_DIR))
         return cls(
@@ -47,4 +52,5 @@ class Settings:
             cleanup_seconds=float(environ.get("CLEANUP_SECONDS", 3600)),
             report_cron=environ.get("REPORT_CRON", "0 9 * * MON-FRI"),
             report_tz=environ.get("REPORT_TZ", "Europe/Paris"),
+            admin_token=environ.get("ADMIN_TOKEN") or None,
         )

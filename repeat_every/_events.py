@@ -16,15 +16,13 @@ the kind of event is its class, so a listener filters with ``isinstance`` (or ``
 
 from __future__ import annotations
 
-import datetime as dt
 import inspect
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Literal, NamedTuple, TypeAlias
 
 from ._records import Outcome
 
@@ -37,31 +35,21 @@ store); the task was paused (``"paused"``); a `run_now()` run was in progress
 (``"run_now"``); the claim store failed, with ``on_store_error="skip"`` (``"store_error"``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class TaskEvent:
-    """What every event tells: which task, and when (the base class of the events).
+# The events are named tuples, as `RunRecord` is: immutable, and cheap to build (a frozen
+# dataclass costs several times more, and a listener pays for three events per run). Times
+# named ``scheduled``, ``started`` and ``ended`` are seconds on the task's monotonic clock, as
+# in `RunRecord` (virtual seconds under a ``FakeClock``): only differences between them mean
+# anything. ``wall`` is the wall-clock instant of the event, in seconds since the Unix epoch
+# (the virtual wall clock under a ``FakeClock``).
 
-    Times named ``scheduled``, ``started`` and ``ended`` are seconds on the task's monotonic
-    clock, as in `RunRecord` (virtual seconds under a ``FakeClock``): only differences between
-    them mean anything. ``wall`` is the wall-clock instant of the event, in seconds since the
-    Unix epoch (the virtual wall clock under a ``FakeClock``).
-    """
+
+class AttemptStarted(NamedTuple):
+    """An attempt of a run is about to call the job (its first attempt, or a retry)."""
 
     task: str
     """The task's name."""
     wall: float
-    """When the event happened: wall-clock seconds since the epoch (see `wall_at`)."""
-
-    @property
-    def wall_at(self) -> dt.datetime:
-        """`wall` as an aware UTC datetime."""
-        return dt.datetime.fromtimestamp(self.wall, dt.timezone.utc)
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptStarted(TaskEvent):
-    """An attempt of a run is about to call the job (its first attempt, or a retry)."""
-
+    """When: wall-clock seconds since the epoch."""
     run: int
     """The run's index: 0 for the task's first run (as `RunRecord.index`)."""
     attempt: int
@@ -83,14 +71,17 @@ class AttemptStarted(TaskEvent):
         return self.started - self.scheduled
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptEnded(TaskEvent):
+class AttemptEnded(NamedTuple):
     """An attempt ended: returned, raised, timed out, or was cancelled.
 
-    A run whose last attempt is cancelled (the task cancelled, or given up on at shutdown) ends
+    A run whose attempt is cancelled (the task cancelled, or given up on at shutdown) ends
     here: no `RunEnded` follows, and the run is not counted in the task's ``runs``.
     """
 
+    task: str
+    """The task's name."""
+    wall: float
+    """When: wall-clock seconds since the epoch."""
     run: int
     """The run's index (as `RunRecord.index`)."""
     attempt: int
@@ -119,15 +110,18 @@ class AttemptEnded(TaskEvent):
         return self.started - self.scheduled
 
 
-@dataclass(frozen=True, slots=True)
-class RunEnded(TaskEvent):
+class RunEnded(NamedTuple):
     """A run ended, after its last attempt (retries included): the run the task counts.
 
-    Emitted right after the run's last `AttemptEnded`, before the failure, if any, is reported
+    Told right after the run's last `AttemptEnded`, before the failure, if any, is reported
     (logged and given to ``on_exception``). ``outcome`` is the last attempt's: ``"ok"``,
     ``"failed"`` or ``"timeout"`` (a cancelled run has no `RunEnded`, see `AttemptEnded`).
     """
 
+    task: str
+    """The task's name."""
+    wall: float
+    """When: wall-clock seconds since the epoch."""
     run: int
     """The run's index (as `RunRecord.index`)."""
     attempts: int
@@ -152,26 +146,36 @@ class RunEnded(TaskEvent):
         return self.ended - self.started
 
 
-@dataclass(frozen=True, slots=True)
-class TicksSkipped(TaskEvent):
+class TicksSkipped(NamedTuple):
     """Ticks came and were not run (counted in the task's ``skipped`` or ``paused_ticks``)."""
 
+    task: str
+    """The task's name."""
+    wall: float
+    """When: wall-clock seconds since the epoch."""
     reason: SkipReason
     """Why: ``"overrun"``, ``"stale"``, ``"paused"``, ``"run_now"`` or ``"store_error"``."""
-    count: int
+    ticks: int
     """How many ticks (≥ 1)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedElsewhere(TaskEvent):
+class ClaimedElsewhere(NamedTuple):
     """With a claim store: another worker claimed the tick, so this one does not run it
     (counted in the task's ``elsewhere``)."""
 
+    task: str
+    """The task's name."""
+    wall: float
+    """When: wall-clock seconds since the epoch."""
     scheduled: float
     """When the tick was due, on this worker's monotonic clock."""
     key: int
     """The tick's key in the claim store (the same in every worker)."""
 
+
+TaskEvent: TypeAlias = AttemptStarted | AttemptEnded | RunEnded | TicksSkipped | ClaimedElsewhere
+"""Any event: each has ``task`` (the task's name) and ``wall`` (when, in wall-clock seconds);
+tell them apart with ``isinstance`` or ``match``."""
 
 Listener = Callable[[TaskEvent], object]
 """A function of one argument, the event; what it returns is ignored."""
@@ -263,8 +267,8 @@ class Subscription:
 def add_listener(callback: Listener) -> Subscription:
     """Call ``callback(event)`` for every event of every task of the process, from now on.
 
-    The events are `AttemptStarted`, `AttemptEnded`, `RunEnded`, `TicksSkipped` and
-    `ClaimedElsewhere`, all `TaskEvent`s. The listener is called inline, on the event loop that
+    The events (`TaskEvent`) are `AttemptStarted`, `AttemptEnded`, `RunEnded`, `TicksSkipped`
+    and `ClaimedElsewhere`. The listener is called inline, on the event loop that
     runs the task (each task's own loop, when several event loops run in threads), so it must
     be quick and must not block: for slow work, put the event on a queue that your own task
     consumes. An ``async def`` listener is refused, since nothing would await it. An exception

@@ -814,11 +814,7 @@ class Runner:
         if not won:
             self.elsewhere += 1
             if _listeners:
-                emit(
-                    ClaimedElsewhere(
-                        self.name, self.clock.wall(), scheduled=tick.deadline / NS, key=tick.key
-                    )
-                )
+                emit(ClaimedElsewhere(self.name, self.clock.wall(), tick.deadline / NS, tick.key))
         return bool(won)
 
     async def _catch_up(self, plan: Plan, first: Tick, t: int) -> Tick | None:
@@ -1017,11 +1013,11 @@ class Runner:
             AttemptStarted(
                 self.name,
                 self.clock.wall(),
-                run=self.runs,
-                attempt=attempt,
-                scheduled=tick.deadline / NS,
-                started=started / NS,
-                manual=manual,
+                self.runs,
+                attempt,
+                tick.deadline / NS,  # scheduled
+                started / NS,
+                manual,
             )
         )
 
@@ -1038,14 +1034,14 @@ class Runner:
             AttemptEnded(
                 self.name,
                 self.clock.wall(),
-                run=self.runs,
-                attempt=attempt,
-                scheduled=tick.deadline / NS,
-                started=started / NS,
-                ended=self.clock.monotonic(),
-                outcome=_outcome(error, cancelled),
-                exception=error,
-                manual=manual,
+                self.runs,
+                attempt,
+                tick.deadline / NS,  # scheduled
+                started / NS,
+                self.clock.monotonic(),  # ended
+                _outcome(error, cancelled),
+                error,
+                manual,
             )
         )
 
@@ -1061,19 +1057,19 @@ class Runner:
             RunEnded(
                 self.name,
                 self.clock.wall(),
-                run=self.runs,
-                attempts=attempts,
-                scheduled=tick.deadline / NS,
-                started=started / NS,
-                ended=self.clock.monotonic(),
-                outcome=_outcome(error),
-                exception=error,
-                manual=manual,
+                self.runs,
+                attempts,
+                tick.deadline / NS,  # scheduled
+                started / NS,
+                self.clock.monotonic(),  # ended
+                _outcome(error),
+                error,
+                manual,
             )
         )
 
-    def _emit_skipped(self, reason: SkipReason, count: int) -> None:
-        emit(TicksSkipped(self.name, self.clock.wall(), reason=reason, count=count))
+    def _emit_skipped(self, reason: SkipReason, ticks: int) -> None:
+        emit(TicksSkipped(self.name, self.clock.wall(), reason, ticks))
 
     def _record(
         self,

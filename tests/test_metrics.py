@@ -191,7 +191,7 @@ async def test_prometheus_installed_during_a_run_never_shows_a_negative_count_in
         with PrometheusMetrics(registry=registry):
             await fake_clock.advance(10)  # it ends at 10, unseen by the metrics when it started
             # Not -1: the end of an attempt whose start it did not see is not subtracted.
-            assert sample(registry, "repeat_every_runs_in_progress", task="midway") is None
+            assert sample(registry, "repeat_every_runs_in_progress", task="midway") == 0
             assert sample(registry, "repeat_every_runs_total", task="midway", outcome="ok") == 1
             await fake_clock.advance(50)  # the next run: 60 → 70
             assert sample(registry, "repeat_every_runs_in_progress", task="midway") == 1
@@ -353,5 +353,5 @@ def test_opentelemetry_uses_the_global_meter_provider_unless_told() -> None:
     # Without an SDK configured, the global provider records nothing: installing still works.
     with OpenTelemetryMetrics() as metrics:
         assert len(events_module.listeners) == 1
-        metrics._on_event(events_module.TicksSkipped("job", T0, reason="paused", count=1))
+        metrics._on_event(events_module.TicksSkipped("job", T0, reason="paused", ticks=1))
     assert events_module.listeners == []

@@ -120,7 +120,7 @@ class OpenTelemetryMetrics:
         # Attribute mappings by task (and outcome or reason), made once each.
         self._attributes: dict[tuple[str, str], dict[str, str]] = {}
         self._running: dict[str, int] = {}  # attempts seen starting and not yet ending
-        self._handlers: dict[type[TaskEvent], Callable[[Any], None]] = {
+        self._handlers: dict[type, Callable[[Any], None]] = {
             AttemptStarted: self._attempt_started,
             AttemptEnded: self._attempt_ended,
             RunEnded: self._run_ended,
@@ -193,7 +193,7 @@ class OpenTelemetryMetrics:
             self._last_success[task] = event.wall
 
     def _ticks_skipped(self, event: TicksSkipped) -> None:
-        self.skipped_ticks.add(event.count, self._attrs(event.task, "reason", event.reason))
+        self.skipped_ticks.add(event.ticks, self._attrs(event.task, "reason", event.reason))
 
     def _claimed_elsewhere(self, event: ClaimedElsewhere) -> None:
         self.claimed_elsewhere.add(1, self._attrs(event.task))

@@ -138,10 +138,8 @@ class PrometheusMetrics:
                 "PrometheusMetrics installed there, or a metric of the same name): uninstall() "
                 f"it first, or pass another registry= ({error})"
             ) from error
-        # Label children, by task (and outcome or reason): .labels() takes a lock each call.
-        self._children: dict[tuple[Any, str, str], Any] = {}
-        self._running: dict[str, int] = {}  # attempts seen starting and not yet ending
-        self._handlers: dict[type[TaskEvent], Callable[[Any], None]] = {
+        self._tasks: dict[str, _TaskSeries] = {}  # each task's label children, made once
+        self._handlers: dict[type, Callable[[Any], None]] = {
             AttemptStarted: self._attempt_started,
             AttemptEnded: self._attempt_ended,
             RunEnded: self._run_ended,
@@ -175,39 +173,70 @@ class PrometheusMetrics:
     def _on_event(self, event: TaskEvent) -> None:
         self._handlers[type(event)](event)
 
-    def _child(self, metric: Any, task: str, label: str = "") -> Any:
-        key = (metric, task, label)
-        child = self._children.get(key)
-        if child is None:
-            child = metric.labels(task, label) if label else metric.labels(task)
-            self._children[key] = child
-        return child
+    def _series(self, task: str) -> _TaskSeries:
+        series = self._tasks.get(task)
+        if series is None:
+            series = self._tasks[task] = _TaskSeries(self, task)
+        return series
 
     def _attempt_started(self, event: AttemptStarted) -> None:
-        task = event.task
-        self._running[task] = self._running.get(task, 0) + 1
-        self._child(self.in_progress, task).inc()
+        series = self._series(event.task)
+        series.running += 1
+        series.in_progress.inc()
         if event.attempt == 1 and not event.manual:
-            self._child(self.start_lateness, task).observe(max(event.started - event.scheduled, 0))
+            series.lateness.observe(max(event.started - event.scheduled, 0))
 
     def _attempt_ended(self, event: AttemptEnded) -> None:
-        task = event.task
-        running = self._running.get(task, 0)
-        if running:  # not an attempt that started before the metrics were installed
-            self._running[task] = running - 1
-            self._child(self.in_progress, task).dec()
+        series = self._series(event.task)
+        if series.running:  # not an attempt that started before the metrics were installed
+            series.running -= 1
+            series.in_progress.dec()
         if event.outcome == "cancelled":
-            self._child(self.runs, task, "cancelled").inc()
+            series.outcome("cancelled").inc()
 
     def _run_ended(self, event: RunEnded) -> None:
-        task = event.task
-        self._child(self.runs, task, event.outcome).inc()
-        self._child(self.run_duration, task).observe(event.ended - event.started)
+        series = self._series(event.task)
+        series.outcome(event.outcome).inc()
+        series.duration.observe(event.ended - event.started)
         if event.outcome == "ok":
-            self._child(self.last_success, task).set(event.wall)
+            if series.last_success is None:  # made at the first success: absent before it
+                series.last_success = self.last_success.labels(event.task)
+            series.last_success.set(event.wall)
 
     def _ticks_skipped(self, event: TicksSkipped) -> None:
-        self._child(self.skipped_ticks, event.task, event.reason).inc(event.count)
+        self.skipped_ticks.labels(event.task, event.reason).inc(event.ticks)
 
     def _claimed_elsewhere(self, event: ClaimedElsewhere) -> None:
-        self._child(self.claimed_elsewhere, event.task).inc()
+        self.claimed_elsewhere.labels(event.task).inc()
+
+
+class _TaskSeries:
+    """One task's label children of the per-run series (``.labels()`` takes a lock per call),
+    and its attempts in progress as this instance saw them start."""
+
+    __slots__ = (
+        "_metrics",
+        "_outcomes",
+        "duration",
+        "in_progress",
+        "last_success",
+        "lateness",
+        "running",
+        "task",
+    )
+
+    def __init__(self, metrics: PrometheusMetrics, task: str) -> None:
+        self._metrics = metrics
+        self.task = task
+        self.duration = metrics.run_duration.labels(task)
+        self.lateness = metrics.start_lateness.labels(task)
+        self.in_progress = metrics.in_progress.labels(task)
+        self.last_success: Any = None
+        self._outcomes: dict[str, Any] = {}
+        self.running = 0
+
+    def outcome(self, outcome: str) -> Any:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self._metrics.runs.labels(self.task, outcome)
+        return child

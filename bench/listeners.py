@@ -17,10 +17,12 @@ loop, each only counting its run (as in ``_overhead.py``, scenario 2), with:
   ``InMemoryMetricReader`` (collected once, at the end).
 
 After a warm-up, the process's CPU time (``time.process_time``) and the runs are read over the
-window; the figure is CPU µs per run, best (lowest) of the rounds (on a shared machine other
-processes only add CPU time), and its difference and ratio to *no listener*. The machine is
-shared and noisy: compare the cases of one run, not figures across runs. Nothing here asserts
-on speed.
+window; the figure is CPU µs per run, best (lowest) of the rounds that kept up (at least
+``KEPT_UP`` of the due runs done: a saturated loop no longer measures the cost of a run; on a
+shared machine other processes only add CPU time), and its difference and ratio to *no
+listener*. 50 jobs (5,000 runs a second) keep even the OpenTelemetry case below one core.
+The machine is shared and noisy: compare the cases of one run, not figures across runs.
+Nothing here asserts on speed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 from typing import Any
 
 CASES = ("no listener", "no-op listener", "Prometheus", "OpenTelemetry")
+KEPT_UP = 0.95  # a round with fewer of its due runs done is saturated, left out of the best
 
 
 async def _measure(case: str, tasks: int, period: float, seconds: float, warmup: float) -> Any:
@@ -90,7 +93,7 @@ def _child(case: str, tasks: int, seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round: a smoke run")
-    parser.add_argument("--tasks", type=int, default=250)
+    parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -129,7 +132,14 @@ def main() -> None:
                 file=sys.stderr,
             )
     load1 = os.getloadavg()
-    base = min(per_run["no listener"])
+    best = {
+        case: min(
+            (v for v, k in zip(per_run[case], kept_up[case], strict=True) if k >= KEPT_UP),
+            default=float("nan"),
+        )
+        for case in CASES
+    }
+    base = best["no listener"]
     print(
         f"\n{args.tasks} jobs at 10 ms, {seconds:g} s per round, best of {rounds} round(s); "
         f"load average {load0[0]:.2f} → {load1[0]:.2f}\n"
@@ -137,12 +147,14 @@ def main() -> None:
     print("| case | CPU µs per run (best) | each round | vs no listener | runs done / due |")
     print("| :-- | --: | --: | --: | --: |")
     for case in CASES:
-        best = min(per_run[case])
-        rounds_text = " / ".join(f"{v:.2f}" for v in per_run[case])
+        rounds_text = " / ".join(
+            f"{v:.2f}" + ("" if k >= KEPT_UP else " (sat.)")
+            for v, k in zip(per_run[case], kept_up[case], strict=True)
+        )
         done = " / ".join(f"{v * 100:.0f} %" for v in kept_up[case])
         print(
-            f"| {case} | {best:.2f} | {rounds_text} | +{best - base:.2f} µs "
-            f"({best / base:.2f}×) | {done} |"
+            f"| {case} | {best[case]:.2f} | {rounds_text} | +{best[case] - base:.2f} µs "
+            f"({best[case] / base:.2f}×) | {done} |"
         )
 
 

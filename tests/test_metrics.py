@@ -335,17 +335,36 @@ async def test_opentelemetry_counts_failed_and_cancelled_runs_and_ticks_claimed_
     assert key("repeat_every.last_success.timestamp", task="failing") not in found
 
 
-def test_opentelemetry_refuses_a_second_install_on_the_same_provider_until_uninstalled() -> None:
+async def test_opentelemetry_refuses_a_second_install_on_a_provider_until_uninstalled(
+    fake_clock: FakeClock,
+) -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     first = OpenTelemetryMetrics(meter_provider=provider)
     with pytest.raises(RuntimeError, match="already installed on this meter provider"):
         OpenTelemetryMetrics(meter_provider=provider)
-    first.uninstall()
-    first.uninstall()
-    assert events_module.listeners == []
-    with OpenTelemetryMetrics(meter_provider=provider):
-        assert len(events_module.listeners) == 1
+
+    @repeat_every(seconds=10, name="job")
+    async def job() -> None:
+        await asyncio.sleep(5)
+
+    async with run_tasks(job):
+        await fake_clock.advance(1)
+        assert points(reader)[key("repeat_every.runs.in_progress", task="job")].value == 1
+        first.uninstall()
+        first.uninstall()
+        assert events_module.listeners == []
+        assert key("repeat_every.runs.in_progress", task="job") not in points(reader)
+        # Installed again on the same provider: the meter hands back the instruments it made
+        # first, and their observations come from the new instance.
+        with OpenTelemetryMetrics(meter_provider=provider):
+            await fake_clock.advance(10)  # the run ends at 5 (unseen); the next runs 10 → 15
+            found = points(reader)
+            assert found[key("repeat_every.runs.in_progress", task="job")].value == 1
+            await fake_clock.advance(5)
+            found = points(reader)
+    assert found[key("repeat_every.last_success.timestamp", task="job")].value > 0
+    assert found[key("repeat_every.runs.in_progress", task="job")].value == 0
     provider.shutdown()
 
 

@@ -40,8 +40,28 @@ from .._events import (
 )
 from . import DURATION_BUCKETS, LATENESS_BUCKETS
 
-# id() of each meter provider that has an installed instance (which holds the provider).
-_ACTIVE: set[int] = set()
+# The installed instance of each meter provider, by id() (the instance holds the provider).
+# The observable instruments' callbacks read through it: a meter hands back the instrument it
+# made first (with its callbacks) when an instance is installed again on the same provider.
+_ACTIVE: dict[int, OpenTelemetryMetrics] = {}
+
+
+def _observer(
+    provider: int, read: Callable[[OpenTelemetryMetrics], dict[str, Any]]
+) -> Callable[[metrics.CallbackOptions], list[metrics.Observation]]:
+    """The callback of an observable instrument: the values ``read`` finds in the instance
+    installed on ``provider`` now, by task."""
+
+    def observe(options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        installed = _ACTIVE.get(provider)
+        if installed is None:
+            return []
+        return [
+            metrics.Observation(value, installed._attrs(task))
+            for task, value in list(read(installed).items())
+        ]
+
+    return observe
 
 
 class OpenTelemetryMetrics:
@@ -106,20 +126,25 @@ class OpenTelemetryMetrics:
             "{tick}",
             "Ticks another worker claimed (with a claim store)",
         )
-        self.in_progress = meter.create_up_down_counter(
-            "repeat_every.runs.in_progress", "{run}", "Attempts of the task running now"
+        # Attempts running now, by task, as this instance saw them start; read at collection
+        # (an observable instrument: no measurement per attempt, which costs microseconds).
+        self._running: dict[str, int] = {}
+        self.in_progress = meter.create_observable_up_down_counter(
+            "repeat_every.runs.in_progress",
+            [_observer(id(provider), lambda installed: installed._running)],
+            "{run}",
+            "Attempts of the task running now",
         )
         # Wall-clock seconds of the last success, by task; read by the observable gauge.
         self._last_success: dict[str, float] = {}
         self.last_success = meter.create_observable_gauge(
             "repeat_every.last_success.timestamp",
-            [self._observe_last_success],
+            [_observer(id(provider), lambda installed: installed._last_success)],
             "s",
             "Unix time the last successful run of the task ended",
         )
         # Attribute mappings by task (and outcome or reason), made once each.
-        self._attributes: dict[tuple[str, str], dict[str, str]] = {}
-        self._running: dict[str, int] = {}  # attempts seen starting and not yet ending
+        self._attributes: dict[tuple[str, str, str], dict[str, str]] = {}
         self._handlers: dict[type, Callable[[Any], None]] = {
             AttemptStarted: self._attempt_started,
             AttemptEnded: self._attempt_ended,
@@ -127,7 +152,7 @@ class OpenTelemetryMetrics:
             TicksSkipped: self._ticks_skipped,
             ClaimedElsewhere: self._claimed_elsewhere,
         }
-        _ACTIVE.add(id(provider))
+        _ACTIVE[id(provider)] = self
         self._subscription: Subscription | None = add_listener(self._on_event)
 
     def uninstall(self) -> None:
@@ -136,8 +161,7 @@ class OpenTelemetryMetrics:
         if subscription is None:
             return
         subscription()
-        self._last_success.clear()
-        _ACTIVE.discard(id(self._provider))
+        del _ACTIVE[id(self._provider)]
 
     def __enter__(self) -> OpenTelemetryMetrics:
         return self
@@ -156,23 +180,16 @@ class OpenTelemetryMetrics:
         self._handlers[type(event)](event)
 
     def _attrs(self, task: str, name: str = "", value: str = "") -> dict[str, str]:
-        key = (task, value)
+        key = (task, name, value)
         attributes = self._attributes.get(key)
         if attributes is None:
             attributes = {"task": task, name: value} if name else {"task": task}
             self._attributes[key] = attributes
         return attributes
 
-    def _observe_last_success(self, options: metrics.CallbackOptions) -> list[metrics.Observation]:
-        return [
-            metrics.Observation(wall, self._attrs(task))
-            for task, wall in list(self._last_success.items())
-        ]
-
     def _attempt_started(self, event: AttemptStarted) -> None:
         task = event.task
         self._running[task] = self._running.get(task, 0) + 1
-        self.in_progress.add(1, self._attrs(task))
         if event.attempt == 1 and not event.manual:
             self.start_lateness.record(max(event.started - event.scheduled, 0), self._attrs(task))
 
@@ -181,7 +198,6 @@ class OpenTelemetryMetrics:
         running = self._running.get(task, 0)
         if running:  # not an attempt that started before the metrics were installed
             self._running[task] = running - 1
-            self.in_progress.add(-1, self._attrs(task))
         if event.outcome == "cancelled":
             self.runs.add(1, self._attrs(task, "outcome", "cancelled"))
 

@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -336,7 +337,9 @@ async def test_ticks_a_frozen_worker_slept_through_are_told_as_stale(
             pass
 
         handle = job()
+        deadline = time.monotonic() + 5
         while not clock.deadlines:  # the task's own sleep makes it known to the clock
+            assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
         await clock.advance(2)
         oversleep[0] = 10.0  # the sleep towards tick 4 ends at 14 s
@@ -586,7 +589,9 @@ async def test_every_log_record_about_a_task_names_it_in_a_json_formatter(
         serving = asyncio.create_task(serve())
         await fake_clock.advance(1)
         stop.set()
+        deadline = time.monotonic() + 5
         while not any("shutdown: waiting" in line for line in lines):
+            assert time.monotonic() < deadline
             await asyncio.sleep(0)  # until the shutdown waits on the clock
         await fake_clock.advance(1)
         await serving

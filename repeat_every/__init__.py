@@ -4,7 +4,9 @@
 the result starts it and returns a handle. [`lifespan`][] and
 [`run_tasks`][] tie jobs to an application's life, and
 [`with_tasks`][] gives them to any ASGI app (Django).
-``repeat_every.testing`` steps every job in virtual time.
+``repeat_every.testing`` steps every job in virtual time. [`add_listener`][] tells a function
+of every attempt, run and skipped tick of every job (``repeat_every.metrics`` builds
+Prometheus and OpenTelemetry metrics on it).
 
 Importing this package loads only the standard library (no FastAPI, Starlette, Redis or
 database driver): integrations import their dependencies when they are used.
@@ -14,6 +16,14 @@ from ._claims import ClaimStore as ClaimStore
 from ._claims import StoreErrorPolicy as StoreErrorPolicy
 from ._decorator import repeat_at as repeat_at
 from ._decorator import repeat_every as repeat_every
+from ._events import AttemptEnded as AttemptEnded
+from ._events import AttemptStarted as AttemptStarted
+from ._events import ClaimedElsewhere as ClaimedElsewhere
+from ._events import RunEnded as RunEnded
+from ._events import Subscription as Subscription
+from ._events import TaskEvent as TaskEvent
+from ._events import TicksSkipped as TicksSkipped
+from ._events import add_listener as add_listener
 from ._lifespan import lifespan as lifespan
 from ._lifespan import run_tasks as run_tasks
 from ._policy import Retry as Retry
@@ -29,14 +39,22 @@ from .asgi import with_tasks as with_tasks
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttemptEnded",
+    "AttemptStarted",
     "ClaimStore",
+    "ClaimedElsewhere",
     "PeriodicTask",
     "Retry",
+    "RunEnded",
     "RunRecord",
     "RunTimeoutError",
     "StoreErrorPolicy",
+    "Subscription",
+    "TaskEvent",
     "TaskHandle",
     "TaskState",
+    "TicksSkipped",
+    "add_listener",
     "get_handle",
     "lifespan",
     "repeat_at",

@@ -91,6 +91,7 @@ async def _run_tasks(
                 "shutdown: waiting %s for the run in progress of: %s",
                 "as long as it takes" if timeout is None else f"up to {timeout / NS:g} s",
                 ", ".join(busy),
+                extra={"repeat_every_tasks": busy},
             )
         if handles:
             done = asyncio.gather(
@@ -106,7 +107,12 @@ async def _run_tasks(
                 raise
         for handle in handles:
             if handle.exception is not None:
-                log.debug("%s had ended with %r before shutdown", handle.name, handle.exception)
+                log.debug(
+                    "%s had ended with %r before shutdown",
+                    handle.name,
+                    handle.exception,
+                    extra={"repeat_every_task": handle.name},
+                )
 
 
 def lifespan(

@@ -27,6 +27,16 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ._durations import NS, to_ns
+from ._events import (
+    AttemptEnded,
+    AttemptStarted,
+    ClaimedElsewhere,
+    RunEnded,
+    SkipReason,
+    TicksSkipped,
+    emit,
+)
+from ._events import listeners as _listeners
 from ._policy import RunTimeoutError
 from ._realtime import real_time
 from ._records import Outcome, RunRecord, TaskState
@@ -242,7 +252,9 @@ class Runner:
             # A bug, or a broken injected clock or sleep. Reading task.exception() keeps
             # asyncio from warning "exception was never retrieved"; report the crash like any
             # exception that ends the loop.
-            self._logger().error("%s: the loop crashed", self.name, exc_info=error)
+            self._logger().error(
+                "%s: the loop crashed", self.name, exc_info=error, extra=self._extra()
+            )
             self._end_with(error)
 
     def reschedule(self, schedule: Schedule) -> None:
@@ -316,6 +328,8 @@ class Runner:
         while True:
             t = clock.monotonic_ns()
             self.last_started = t
+            if _listeners:
+                self._emit_started(tick, attempt, t, manual=True)
             error: BaseException | None = None
             try:
                 if call is None:
@@ -326,20 +340,26 @@ class Runner:
                 error = exc
             except asyncio.CancelledError as exc:
                 self._manual_record(tick, attempt, t, exc)
+                if _listeners:
+                    self._emit_ended(tick, attempt, t, exc, cancelled=True, manual=True)
                 raise
             record = self._manual_record(tick, attempt, t, error)
+            if _listeners:
+                self._emit_ended(tick, attempt, t, error, cancelled=False, manual=True)
             if error is None or retry is None or self.stop_requested:
                 break
             if attempt >= retry.attempts or not isinstance(error, retry.on):
                 break
             delay = retry.delay(attempt, self._rng())
-            self._retrying(attempt, error, delay)
+            self._retrying(tick, attempt, error, delay)
             await clock.sleep(delay)
             attempt += 1
         self._run_ended(started, clock.monotonic_ns(), error)
+        if _listeners:
+            self._emit_run_ended(tick, attempt, started, error, manual=True)
         if error is not None:
             try:
-                await self._report(error)
+                await self._report(error, tick, attempt)
             except _LoopEnd as end:  # raise_exceptions, or on_exception raised: the loop ends
                 self.stop()
                 self._end_with(end.error)
@@ -381,7 +401,10 @@ class Runner:
             return
         if in_run and announce:
             self._logger().info(
-                "%s: waiting up to %g s for its run in progress to finish", self.name, timeout / NS
+                "%s: waiting up to %g s for its run in progress to finish",
+                self.name,
+                timeout / NS,
+                extra=self._extra(),
             )
         if not await self._join_within(timeout):
             manual = self.manual
@@ -434,6 +457,7 @@ class Runner:
             "daemon thread finishes in the background or ends with the process)"
             if in_thread
             else "cancelling it",
+            extra=self._extra(),
         )
         self.cancel()
 
@@ -549,6 +573,8 @@ class Runner:
                 while True:
                     self.last_started = t
                     started_wall = self.clock.wall() if records else 0.0
+                    if _listeners:
+                        self._emit_started(tick, attempt, t)
                     error: BaseException | None = None
                     try:
                         if call is None:
@@ -561,11 +587,15 @@ class Runner:
                         if not self._raised_by_job():
                             if records:
                                 self._record(tick, attempt, t, now(), started_wall, exc)
+                            if _listeners:
+                                self._emit_ended(tick, attempt, t, exc, cancelled=True)
                             raise
                         error = exc
                     ended = now()
                     if records:
                         self._record(tick, attempt, t, ended, started_wall, error)
+                    if _listeners:
+                        self._emit_ended(tick, attempt, t, error, cancelled=False)
                     if error is None or retry is None:
                         break
                     if not await self._retried(plan, tick, attempt, error):
@@ -578,8 +608,10 @@ class Runner:
                     t = now()
                 # Report a failure (log, on_exception, raise_exceptions), then plan the next.
                 self._run_ended(run_started, ended, error)
+                if _listeners:
+                    self._emit_run_ended(tick, attempt, run_started, error)
                 if error is not None:
-                    await self._report(error)
+                    await self._report(error, tick, attempt)
                     t = now()
                 self.runs += 1
                 if opts.max_repetitions is not None and self.runs >= opts.max_repetitions:
@@ -605,7 +637,7 @@ class Runner:
             try:
                 await call_hook(opts.on_complete)
             except Exception as exc:
-                self._logger().exception("%s: on_complete raised", self.name)
+                self._logger().exception("%s: on_complete raised", self.name, extra=self._extra())
                 self._end_with(exc)
 
     # -- wait ----------------------------------------------------------------------------------
@@ -648,11 +680,17 @@ class Runner:
             following, covered = plan.after(tick, now)
             self.skipped += 1 + covered
             self._logger().debug(
-                "%s: tick skipped: a run_now() run was in progress when it came", self.name
+                "%s: tick skipped: a run_now() run was in progress when it came",
+                self.name,
+                extra=self._extra(tick, skipped=("run_now", 1 + covered)),
             )
+            if _listeners:
+                self._emit_skipped("run_now", 1 + covered)
             return plan, following
         following, covered = plan.after(tick, now)
         self.paused_ticks += 1 + covered
+        if _listeners:
+            self._emit_skipped("paused", 1 + covered)
         return plan, following
 
     def _replan_pending(self) -> bool:
@@ -695,6 +733,8 @@ class Runner:
         """
         self.skipped += skipped
         self._skips_unlogged += skipped
+        if _listeners:
+            self._emit_skipped("overrun", skipped)
         if self._skip_logged_at is not None and now - self._skip_logged_at < _SKIP_LOG_EVERY:
             return
         self._logger().warning(
@@ -704,6 +744,7 @@ class Runner:
             ""
             if self._skips_unlogged == skipped
             else f" ({self._skips_unlogged} since the last report a minute ago or more)",
+            extra=self._extra(skipped=("overrun", self._skips_unlogged)),
         )
         self._skip_logged_at = now
         self._skips_unlogged = 0
@@ -727,6 +768,8 @@ class Runner:
             return None
         current, covered = plan.after(tick, now)
         self.skipped += 1 + covered
+        if _listeners:
+            self._emit_skipped("stale", 1 + covered)
         self._logger().warning(
             "%s: woke %.3g s after tick %s was due (was the process frozen, or the event loop "
             "blocked?); skipping it and the %d tick(s) since: their claims may have expired, "
@@ -735,6 +778,7 @@ class Runner:
             late / NS,
             tick.key,
             covered,
+            extra=self._extra(tick, skipped=("stale", 1 + covered)),
         )
         return current
 
@@ -763,6 +807,7 @@ class Runner:
                     self.name,
                     tick.key,
                     exc_info=True,
+                    extra=self._extra(tick),
                 )
                 return True
             self.skipped += 1
@@ -771,10 +816,15 @@ class Runner:
                 self.name,
                 tick.key,
                 exc_info=True,
+                extra=self._extra(tick, skipped=("store_error", 1)),
             )
+            if _listeners:
+                self._emit_skipped("store_error", 1)
             return False
         if not won:
             self.elsewhere += 1
+            if _listeners:
+                emit(ClaimedElsewhere(self.name, self.clock.wall(), tick.deadline / NS, tick.key))
         return bool(won)
 
     async def _catch_up(self, plan: Plan, first: Tick, t: int) -> Tick | None:
@@ -813,6 +863,7 @@ class Runner:
                 self.name,
                 key,
                 exc_info=True,
+                extra=self._extra(missed),
             )
             return None
         if not won:  # another worker caught it up (not counted in elsewhere: not a tick of ours)
@@ -824,6 +875,7 @@ class Runner:
             key,
             (wall - schedule.key_instant(key)) / NS,
             grace / NS,
+            extra=self._extra(missed),
         )
         return missed
 
@@ -849,6 +901,7 @@ class Runner:
             self._logger().warning(
                 "%s: the previous run is still in its worker thread; this run waits for it",
                 self.name,
+                extra=self._extra(),
             )
             await asyncio.wrap_future(busy)
         returned: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -899,12 +952,16 @@ class Runner:
                 "next run waits until its thread returns",
                 self.name,
                 seconds,
+                extra=self._extra(outcome="timeout"),
             )
             with self._waiting():
                 await asyncio.wait((job,))
             if not job.cancelled() and job.exception() is not None:
                 self._logger().error(
-                    "%s: the timed-out run later raised", self.name, exc_info=job.exception()
+                    "%s: the timed-out run later raised",
+                    self.name,
+                    exc_info=job.exception(),
+                    extra=self._extra(),
                 )
         else:
             job.cancel()
@@ -921,10 +978,13 @@ class Runner:
         delay = to_ns(retry.delay(attempt, self._rng()))
         if self.clock.monotonic_ns() + delay >= plan.following(tick) or self.stop_requested:
             self._logger().warning(
-                "%s: no retry of attempt %d: the next tick comes first", self.name, attempt
+                "%s: no retry of attempt %d: the next tick comes first",
+                self.name,
+                attempt,
+                extra=self._extra(tick, attempt, _outcome(error)),
             )
             return False
-        self._retrying(attempt, error, delay / NS)
+        self._retrying(tick, attempt, error, delay / NS)
         try:
             await self._asleep(delay, self._sleep)
         except asyncio.CancelledError:
@@ -936,8 +996,8 @@ class Runner:
 
     # -- record and report ---------------------------------------------------------------------
 
-    def _retrying(self, attempt: int, error: BaseException, delay: float) -> None:
-        """Count and log a retry of ``attempt`` after ``delay`` seconds."""
+    def _retrying(self, tick: Tick, attempt: int, error: BaseException, delay: float) -> None:
+        """Count and log a retry of ``attempt`` (of ``tick``'s run) after ``delay`` seconds."""
         self.retries += 1
         self._logger().warning(
             "%s: attempt %d failed (%r); retrying in %g s",
@@ -946,6 +1006,7 @@ class Runner:
             error,
             delay,
             exc_info=error,
+            extra=self._extra(tick, attempt, _outcome(error)),
         )
 
     def _run_ended(self, started: int, ended: int, error: BaseException | None) -> None:
@@ -954,6 +1015,71 @@ class Runner:
         if error is None:
             self.last_ok = ended
             self.consecutive_failures = 0
+
+    # Events (see ._events): built only when a listener listens (the caller tests ``_listeners``).
+
+    def _emit_started(self, tick: Tick, attempt: int, started: int, manual: bool = False) -> None:
+        emit(
+            AttemptStarted(
+                self.name,
+                self.clock.wall(),
+                self.runs,
+                attempt,
+                tick.deadline / NS,  # scheduled
+                started / NS,
+                manual,
+            )
+        )
+
+    def _emit_ended(
+        self,
+        tick: Tick,
+        attempt: int,
+        started: int,
+        error: BaseException | None,
+        cancelled: bool,
+        manual: bool = False,
+    ) -> None:
+        emit(
+            AttemptEnded(
+                self.name,
+                self.clock.wall(),
+                self.runs,
+                attempt,
+                tick.deadline / NS,  # scheduled
+                started / NS,
+                self.clock.monotonic(),  # ended
+                _outcome(error, cancelled),
+                error,
+                manual,
+            )
+        )
+
+    def _emit_run_ended(
+        self,
+        tick: Tick,
+        attempts: int,
+        started: int,
+        error: BaseException | None,
+        manual: bool = False,
+    ) -> None:
+        emit(
+            RunEnded(
+                self.name,
+                self.clock.wall(),
+                self.runs,
+                attempts,
+                tick.deadline / NS,  # scheduled
+                started / NS,
+                self.clock.monotonic(),  # ended
+                _outcome(error),
+                error,
+                manual,
+            )
+        )
+
+    def _emit_skipped(self, reason: SkipReason, ticks: int) -> None:
+        emit(TicksSkipped(self.name, self.clock.wall(), reason, ticks))
 
     def _record(
         self,
@@ -999,15 +1125,6 @@ class Runner:
     ) -> RunRecord:
         """The record of an attempt that just ended; ``cancelled``: it was cancelled from
         outside (not a ``CancelledError`` the job raised itself)."""
-        outcome: Outcome
-        if error is None:
-            outcome = "ok"
-        elif cancelled:
-            outcome = "cancelled"
-        elif isinstance(error, RunTimeoutError):
-            outcome = "timeout"
-        else:
-            outcome = "failed"
         return RunRecord(
             self.name,
             self.runs,
@@ -1015,7 +1132,7 @@ class Runner:
             tick.deadline / NS,
             started / NS,
             self.clock.monotonic(),
-            outcome,
+            _outcome(error, cancelled),
             error,
             started_wall,
         )
@@ -1035,26 +1152,61 @@ class Runner:
                 self.name,
                 tick.key,
                 exc_info=True,
+                extra=self._extra(tick),
             )
 
-    async def _report(self, error: BaseException) -> None:
-        """A run failed (after its retries): count it, log it, call on_exception."""
+    async def _report(self, error: BaseException, tick: Tick, attempt: int) -> None:
+        """A run of ``tick`` failed (its last ``attempt``): count it, log it, call on_exception."""
         opts = self.opts
         self.failures += 1
         self.consecutive_failures += 1
         self.last_exception = error
-        self._logger().error("%s: run %d failed: %r", self.name, self.runs, error, exc_info=error)
+        self._logger().error(
+            "%s: run %d failed: %r",
+            self.name,
+            self.runs,
+            error,
+            exc_info=error,
+            extra=self._extra(tick, attempt, _outcome(error)),
+        )
         if opts.on_exception is not None:
             try:
                 await call_hook(opts.on_exception, error)
             except Exception as hook_error:
-                self._logger().exception("%s: on_exception raised; the loop ends", self.name)
+                self._logger().exception(
+                    "%s: on_exception raised; the loop ends", self.name, extra=self._extra()
+                )
                 raise _LoopEnd(hook_error) from hook_error
         if opts.raise_exceptions:
             raise _LoopEnd(error)
 
     def _logger(self) -> logging.Logger | logging.LoggerAdapter[Any]:
         return self.opts.logger or log
+
+    def _extra(
+        self,
+        tick: Tick | None = None,
+        attempt: int | None = None,
+        outcome: Outcome | None = None,
+        skipped: tuple[SkipReason, int] | None = None,
+    ) -> dict[str, object]:
+        """The structured fields of a log record about this task (docs/operating.md lists
+        them): ``extra=`` of every record the runner logs."""
+        extra: dict[str, object] = {"repeat_every_task": self.name}
+        if tick is not None:
+            clock = self.clock
+            wall = clock.wall() - (clock.monotonic_ns() - tick.deadline) / NS
+            extra["repeat_every_tick"] = dt.datetime.fromtimestamp(
+                wall, dt.timezone.utc
+            ).isoformat()
+        if attempt is not None:
+            extra["repeat_every_run"] = self.runs
+            extra["repeat_every_attempt"] = attempt
+        if outcome is not None:
+            extra["repeat_every_outcome"] = outcome
+        if skipped is not None:
+            extra["repeat_every_skip_reason"], extra["repeat_every_skipped"] = skipped
+        return extra
 
     def _end_with(self, error: BaseException) -> None:
         """The loop ends with ``error``: keep it for wait(), or hand it to the event loop."""
@@ -1074,6 +1226,18 @@ class Runner:
 
 # RunRecord from a tuple of its fields, without the Python-level __new__ of a NamedTuple.
 _new_record: Callable[[tuple[Any, ...]], RunRecord] = functools.partial(tuple.__new__, RunRecord)
+
+
+def _outcome(error: BaseException | None, cancelled: bool = False) -> Outcome:
+    """How an attempt that raised ``error`` (``None``: it returned) ended; ``cancelled``: it
+    was cancelled from outside (not a ``CancelledError`` the job raised itself)."""
+    if error is None:
+        return "ok"
+    if cancelled:
+        return "cancelled"
+    if isinstance(error, RunTimeoutError):
+        return "timeout"
+    return "failed"
 
 
 async def _sleep(clock: Clock, seconds: float) -> None:

@@ -13,6 +13,7 @@ import datetime as dt
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import sys
 import threading
@@ -248,3 +249,82 @@ def test_migration_to_lifespan_cleans_up_every_hour_and_stops_before_the_engine_
         assert handle.running
     assert handle.done  # stopped by the lifespan, before the engine was disposed
     assert clock.history.outcomes(example.remove_expired_tokens_task) == ["ok", "ok"]
+
+
+# -- operating: events, structured logs, metrics ---------------------------------------------------
+
+
+def test_events_example_pages_on_each_failed_run_while_the_app_runs(
+    fake_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = load("operating_events")
+
+    async def partner_down() -> list[str]:
+        raise ConnectionError("partner API unreachable")
+
+    with TestClient(example.app):
+        fake_clock.advance_blocking(60)  # runs at 0 and 60 s: both fine
+        monkeypatch.setattr(example, "fetch_new_orders", partner_down)
+        fake_clock.advance_blocking(120)  # runs at 120 and 180 s: both fail
+    assert example.synced == ["order-1", "order-1"]
+    assert example.pages == ["sync-orders: run failed after 1 attempt(s)"] * 2
+    from repeat_every import _events
+
+    assert _events.listeners == []  # the listener left with the app
+
+
+def test_events_example_warns_of_a_late_start(caplog: pytest.LogCaptureFixture) -> None:
+    from repeat_every import AttemptStarted
+
+    example = load("operating_events")
+    on_time = AttemptStarted("sync-orders", 0.0, 0, 1, 60.0, 60.5, False)
+    late = AttemptStarted("sync-orders", 0.0, 1, 1, 120.0, 127.5, False)
+    example.on_event(on_time)
+    example.on_event(late)
+    assert [r.getMessage() for r in caplog.records] == ["sync-orders started 7.5 s late"]
+
+
+def test_metrics_example_serves_the_series_of_its_job_at_metrics(fake_clock: FakeClock) -> None:
+    import prometheus_client
+
+    example = load("operating_metrics")
+    with TestClient(example.app) as client:
+        fake_clock.advance_blocking(HOUR)
+        text = client.get("/metrics").text
+    assert 'repeat_every_runs_total{outcome="ok",task="export-orders"} 2.0' in text
+    assert 'repeat_every_runs_in_progress{task="export-orders"} 0.0' in text
+    assert "repeat_every_last_success_timestamp_seconds" in text
+    # Uninstalled at shutdown: the default registry is free for the next app.
+    assert "repeat_every_runs_total" not in prometheus_client.generate_latest().decode()
+
+
+async def test_json_logs_example_shows_the_task_tick_attempt_and_outcome(
+    fake_clock: FakeClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from repeat_every import repeat_every
+
+    example = load("operating_logs")
+    example.configure_logging()
+    try:
+
+        @repeat_every(seconds=60, max_repetitions=1, name="sync-orders")
+        async def sync_orders() -> None:
+            raise ConnectionError("partner API unreachable")
+
+        await sync_orders().wait()
+    finally:
+        library = logging.getLogger("repeat_every")
+        for handler in library.handlers[:]:
+            if isinstance(handler.formatter, example.JsonFormatter):
+                library.removeHandler(handler)
+    [line] = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert (
+        line["message"] == "sync-orders: run 0 failed: ConnectionError('partner API unreachable')"
+    )
+    assert line["repeat_every_task"] == "sync-orders"
+    assert (
+        line["repeat_every_tick"] == dt.datetime.fromtimestamp(fake_clock.wall(), UTC).isoformat()
+    )
+    assert (line["repeat_every_run"], line["repeat_every_attempt"]) == (0, 1)
+    assert line["repeat_every_outcome"] == "failed"
+    assert "ConnectionError" in line["exc_info"]

@@ -28,6 +28,8 @@ FORBIDDEN = (
     "freezegun",
     "time_machine",
     "pytest",
+    "prometheus_client",
+    "opentelemetry",
 )
 
 
@@ -39,7 +41,10 @@ def _modules_after(statement: str) -> set[str]:
     return set(json.loads(out.stdout))
 
 
-@pytest.mark.parametrize("statement", ["import repeat_every", "import repeat_every.testing"])
+@pytest.mark.parametrize(
+    "statement",
+    ["import repeat_every", "import repeat_every.testing", "import repeat_every.metrics"],
+)
 def test_import_loads_no_web_framework_database_or_test_tool(statement: str) -> None:
     modules = _modules_after(statement)
     loaded = sorted(m for m in modules if m.split(".")[0] in FORBIDDEN)

@@ -44,6 +44,17 @@ Outcome = tuple[list[bool], list[Any]]  # of a _Writes: each claim's result, eac
 
 _CHECKPOINT_EVERY = 500  # write transactions on the event loop's thread between checkpoints
 
+_forks = 0  # forks since this process started: a child must not use its parent's file
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - not on Windows, which never forks
+    os.register_at_fork(after_in_child=_forked)
+
 
 class SQLiteClaimStore:
     """Claims in a SQLite file: once per tick across the worker processes of one host.
@@ -137,8 +148,8 @@ class SQLiteClaimStore:
         require("sqlite3", "", "SQLiteClaimStore")
         self._files: PerLoop[_File] = PerLoop(self._open, self._close, _abandon)
         # The file of the loop that used the store last, to find it without a coroutine call
-        # (its loop, by weak reference, and the process that opened it).
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], int, _File] | None = None
+        # (its loop, by weak reference, the process's fork generation, and the file)
         import sqlite3
 
         self._error = sqlite3.OperationalError
@@ -238,7 +249,7 @@ class SQLiteClaimStore:
         record that cannot be written is logged.
         """
         check_run(task, tick, started_at, duration)
-        text = error_text(error)
+        text = None if error is None else error_text(error)
         row = (task, tick, float(started_at), worker or owner(), float(duration), text)
         ok = text is None
         file = self._file_now() or await self._file()
@@ -366,13 +377,13 @@ class SQLiteClaimStore:
     def _file_now(self) -> _File | None:
         """The running loop's file if it used the store last (the common case), else None."""
         last = self._last
-        if last is not None and last[0]() is asyncio.get_running_loop() and last[1] == os.getpid():
+        if last is not None and last[1] == _forks and last[0]() is asyncio.get_running_loop():
             return last[2]
         return None
 
     async def _file(self) -> _File:
         file = await self._files.get()
-        self._last = (weakref.ref(asyncio.get_running_loop()), os.getpid(), file)
+        self._last = (weakref.ref(asyncio.get_running_loop()), _forks, file)
         return file
 
     def _joined(self, file: _File) -> _Writes | None:

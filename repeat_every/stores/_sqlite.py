@@ -92,14 +92,14 @@ class SQLiteClaimStore:
       during the same turn (a thousand tasks due at the same instant) are queued and written
       together at the end of that turn, and each claimer gets its own answer (or, if the
       transaction fails, the error, which its task treats as "store unreachable").
-    - **Run records are written soon, and never waited for.** `record_run` returns once its
-      record is written or queued: a queued record is written at the end of the turn of the
-      event loop in which it was made, in the transaction of that turn's claims (later only
-      if another process holds the write lock: then as soon as the store's thread gets it,
-      within ``timeout``). `status`, `statuses` and `aclose` write the queued records first,
-      so they always see them. A queued record whose transaction fails is logged at WARNING
-      (``could not write the run record …``, naming the tasks) and dropped, as the task
-      loop does when `record_run` raises.
+    - **Run records are written soon, and not waited for.** `record_run` writes its record
+      at once when SQLite can; else it queues it and returns: a queued record is written at
+      the end of the turn of the event loop in which it was made, with that turn's claims
+      (later only if another process holds the write lock: then as soon as the store's
+      thread gets it, within ``timeout``). `status`, `statuses` and `aclose` write the
+      queued records first, so they always see them. A queued record whose transaction
+      fails is logged at WARNING (``could not write the run records of …``, naming the
+      tasks) and dropped, as the task loop does when `record_run` raises.
     - **Lazy and self-healing.** Nothing is opened until the first claim. Any error (the file
       cannot be opened, the disk is full, the lock was held longer than ``timeout``) is raised
       from `claim`, which the task treats as "store unreachable" (see
@@ -242,11 +242,14 @@ class SQLiteClaimStore:
         it took; ``worker``: who ran it (default: ``host:pid`` of the caller). A record older
         than the one kept (by ``started_at``) does not replace it.
 
-        Returns once the record is written, or, when other writes of this turn of the event
-        loop are queued already (many tasks ending at once), once it is queued with them: they
-        are written together at the end of the turn, and nobody waits for them (see the
-        class's docstring). Raises what SQLite raised for a record it waited for; a queued
-        record that cannot be written is logged.
+        Writes the record at once when SQLite can take it at once; else (other writes of this
+        turn of the event loop are queued already, as when many tasks end at once, or another
+        process holds the write lock, or the store's thread is at work) queues it with them
+        and returns without waiting: it is written at the end of this turn, or by the store's
+        thread as soon as the lock allows (see the class's docstring). Only a record that
+        must open the file (the store's first write, or the first after an error) waits, so
+        that an unusable file is reported to the caller. Raises what SQLite raised for a
+        record written or waited for; a queued record that cannot be written is logged.
         """
         check_run(task, tick, started_at, duration)
         text = None if error is None else error_text(error)
@@ -254,7 +257,7 @@ class SQLiteClaimStore:
         ok = text is None
         file = self._file_now() or await self._file()
         batch = self._joined(file)
-        if batch is None:  # the first write of this turn: written before returning
+        if batch is None:  # the first write of this turn
             if self._inline_ok(file):
                 try:
                     self._inline(file, self._records, row if ok else (), () if ok else row)
@@ -264,9 +267,10 @@ class SQLiteClaimStore:
                     self._burst(file)
                     return
             batch = self._new_batch(file)
-            (batch.successes if ok else batch.failures).extend(row)
-            await batch.add_job(_nothing)  # resolved when the batch is written
-            return
+            if file.conn is None and not file.busy:  # the file is to be opened: wait for it
+                (batch.successes if ok else batch.failures).extend(row)
+                await batch.add_job(_nothing)  # resolved when the batch is written
+                return
         (batch.successes if ok else batch.failures).extend(row)
 
     async def status(self, task: str) -> TaskStatus:

@@ -303,3 +303,16 @@ async def test_a_claim_cancelled_while_it_waits_leaves_the_others_of_its_batch_a
         # Its claim was written with the batch: a cancelled wait does not undo it (the tick
         # is missed by its caller, never run twice).
         assert not await store.claim("b", 1, 60)
+
+
+async def test_a_status_read_that_fails_reconnects_and_the_next_one_works(tmp_path: Path) -> None:
+    path = tmp_path / "claims.db"
+    async with SQLiteClaimStore(path) as store:
+        assert await store.claim("job", 1, 60)
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute("DROP TABLE repeat_every_claims_tasks")
+        other.close()
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            await store.status("job")
+        status = await store.status("job")  # reconnected: the table is made again, empty
+    assert status.last_claim is None

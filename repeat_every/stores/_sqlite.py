@@ -441,6 +441,9 @@ class SQLiteClaimStore:
                 if not _busy(exc):
                     file.disconnect()  # reopened by the next operation, in the store's thread
                     raise
+            except BaseException:
+                file.disconnect()
+                raise
         return await file.submit(self, op)
 
     def _inline_ok(self, file: _File) -> bool:

@@ -7,7 +7,9 @@ Usage (from the repository root)::
 
 Each case runs in a fresh process: ``jobs`` async no-op jobs with ``seconds=1`` on the
 wall-clock grid (``align=True``), every one claiming its tick in the same store in the store
-case (one worker, so every claim is won: the winner's path, a write). A run's lateness is the
+case (one worker, so every claim is won: the winner's path, a write) and writing its run record
+after the run (a second write). ``python bench/run.py --only stores`` runs the same case in
+interleaved rounds (scenario 7 of RESULTS.md). A run's lateness is the
 wall clock at its start minus its tick's instant. It prints the p50 and p99 lateness and the
 CPU time of the process (every thread) per 1,000 runs, first tick left out (start-up).
 """

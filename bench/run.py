@@ -59,6 +59,7 @@ SCENARIOS = {
     "virtual": "_virtual",
     "imports": "_imports",
     "clock": "_clock",
+    "stores": "_stores",
 }
 COLUMNS = (OURS, BARE, FASTAPI_UTILS, LOOPTIME, LOOPTIME_FAST, TRIO, FLOOR)
 RAW = "results.json"  # the raw measurements RESULTS.md is rendered from

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
 from typing import Any
 
 virtual_scope: contextvars.ContextVar[Any] = contextvars.ContextVar(
@@ -20,12 +19,39 @@ virtual_scope: contextvars.ContextVar[Any] = contextvars.ContextVar(
 """The FakeClock scope of the current context (``None``: real time)."""
 
 
-@contextlib.contextmanager
-def real_time() -> Iterator[None]:
+class _RealTime:
+    """Leaves the virtual scope for the block, and restores it after."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self) -> None:
+        self._token: contextvars.Token[Any] | None = None
+
+    def __enter__(self) -> None:
+        self._token = virtual_scope.set(None)
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._token is not None
+        virtual_scope.reset(self._token)
+
+
+class _AlreadyReal:
+    """The block is in real time already (no FakeClock): nothing to leave, nothing to make."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_ALREADY_REAL = _AlreadyReal()
+
+
+def real_time() -> contextlib.AbstractContextManager[None]:
     """Run the block (and the tasks and threads it starts) in real time, even inside a run
     stepped by a ``FakeClock``. Does nothing when no clock is involved."""
-    token = virtual_scope.set(None)
-    try:
-        yield
-    finally:
-        virtual_scope.reset(token)
+    # Claim stores use it around every claim: with no clock, it allocates nothing.
+    return _RealTime() if virtual_scope.get() is not None else _ALREADY_REAL

@@ -158,6 +158,16 @@ def check_claim(task: object, tick: object, ttl: object, deadline: object = None
 
     Returns the ttl as a float.
     """
+    if (  # what the task loop passes, every tick: checked without a call
+        type(task) is str
+        and task in _good_names
+        and type(tick) is int
+        and _TICK_MIN <= tick <= _TICK_MAX
+        and type(ttl) is float
+        and 0.0 < ttl < math.inf
+        and (deadline is None or (type(deadline) is float and -math.inf < deadline < math.inf))
+    ):
+        return ttl
     check_task_name(task)
     check_tick(tick)
     seconds = check_seconds(ttl, "ttl")
@@ -177,6 +187,17 @@ def check_instant(value: object, argument: str) -> float:
 
 def check_run(task: object, tick: object, started_at: object, duration: object) -> None:
     """Refuse a malformed run record before it reaches the store."""
+    if (  # what the task loop passes after every run: checked without a call
+        type(task) is str
+        and task in _good_names
+        and type(tick) is int
+        and _TICK_MIN <= tick <= _TICK_MAX
+        and type(started_at) is float
+        and -math.inf < started_at < math.inf
+        and type(duration) is float
+        and 0.0 <= duration < math.inf
+    ):
+        return
     check_task_name(task)
     check_tick(tick)
     check_instant(started_at, "started_at")

@@ -74,11 +74,13 @@ async def _run_tasks(
     tasks: tuple[PeriodicTask[Any], ...], timeout: int | None
 ) -> AsyncIterator[tuple[TaskHandle, ...]]:
     handles: list[TaskHandle] = []
+    body_failed = False
     try:
         for task in tasks:
             handles.append(task.start())
         yield tuple(handles)
     except BaseException:
+        body_failed = True
         for handle in handles:
             handle.cancel()
         raise
@@ -99,12 +101,15 @@ async def _run_tasks(
                 return_exceptions=True,
             )
             try:
-                await asyncio.shield(done)
+                results = await asyncio.shield(done)
             except asyncio.CancelledError:
                 for handle in handles:
                     handle.cancel()
                 await asyncio.wait((done,))
                 raise
+            stalled = _failed_closes(handles, results)
+            if stalled is not None and not body_failed:
+                raise stalled  # a FakeClock's RunStalledError: the test must see it
         for handle in handles:
             if handle.exception is not None:
                 log.debug(
@@ -113,6 +118,28 @@ async def _run_tasks(
                     handle.exception,
                     extra={"repeat_every_task": handle.name},
                 )
+
+
+def _failed_closes(
+    handles: list[TaskHandle], results: list[BaseException | None]
+) -> AssertionError | None:
+    """Cancel and log each task whose stop could not be waited for; the first test failure
+    among the reasons (a FakeClock nobody advanced raises ``RunStalledError``), if any."""
+    stalled: AssertionError | None = None
+    for handle, result in zip(handles, results, strict=True):
+        if not isinstance(result, BaseException):
+            continue
+        handle.cancel()  # not left running behind the shutdown
+        log.error(
+            "shutdown: could not wait for %s to stop (%r); cancelled it",
+            handle.name,
+            result,
+            exc_info=result,
+            extra={"repeat_every_task": handle.name},
+        )
+        if stalled is None and isinstance(result, AssertionError):
+            stalled = result
+    return stalled
 
 
 def lifespan(

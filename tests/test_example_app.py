@@ -174,6 +174,34 @@ def test_a_failing_cleanup_is_reported_by_the_tasks_endpoint_and_the_next_hour_r
     assert clock.history.outcomes("remove_expired_tokens") == ["failed", "ok"]
 
 
+def test_metrics_count_the_runs_by_outcome_and_the_last_success(
+    settings: Settings, clock: FakeClock
+) -> None:
+    engine = create_engine(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        clock.advance_blocking(1 * HOUR)  # 08:30: the 08:00 clean-up and report succeeded
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE tokens"))  # the 09:00 clean-up fails
+        clock.advance_blocking(1 * HOUR)
+        response = client.get("/metrics")
+    engine.dispose()
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    series = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in response.text.splitlines()
+        if line and not line.startswith("#")
+    }
+    cleanup = 'task="remove_expired_tokens"'
+    assert series[f'repeat_every_runs_total{{outcome="ok",{cleanup}}}'] == 1
+    assert series[f'repeat_every_runs_total{{outcome="failed",{cleanup}}}'] == 1
+    assert series['repeat_every_runs_total{outcome="ok",task="report_tokens"}'] == 1
+    assert series[f"repeat_every_last_success_timestamp_seconds{{{cleanup}}}"] == (
+        dt.datetime(2025, 1, 6, 8, tzinfo=UTC).timestamp()
+    )
+    assert series[f"repeat_every_runs_in_progress{{{cleanup}}}"] == 0
+
+
 def test_two_app_instances_sharing_the_claim_store_run_each_tick_once(
     settings: Settings, clock: FakeClock
 ) -> None:

@@ -187,6 +187,26 @@ async def test_run_tasks_shutdown_timeout_none_waits_for_every_run(fake_clock: F
     assert fake_clock.history.outcomes(slow) == ["ok"]
 
 
+@pytest.mark.fake_clock(timeout=0.2)
+async def test_run_tasks_under_a_clock_nobody_advances_raises_run_stalled_and_cancels_the_task(
+    fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The shutdown waits on virtual time that never comes: the test sees RunStalledError (it
+    # used to be swallowed, the task left running), and the task is not left behind.
+    @repeat_every(seconds=10, name="napping")
+    async def napping() -> None:
+        await asyncio.sleep(100)
+
+    with pytest.raises(RunStalledError, match="has not ended"):
+        async with run_tasks(napping, shutdown_timeout=3) as (handle,):
+            await fake_clock.advance(1)
+    await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(handle.wait())), 1)
+    assert not handle.running
+    assert "shutdown: could not wait for napping to stop" in caplog.text
+    async with run_tasks(napping, shutdown_timeout=None):  # its name is free again
+        pass
+
+
 async def test_the_default_shutdown_timeout_is_20_seconds(fake_clock: FakeClock) -> None:
     @repeat_every(seconds=10, name="stuck")
     async def stuck() -> None:

@@ -11,7 +11,9 @@ Both claim each tick in a :class:`~repeat_every.stores.SQLiteClaimStore`, so wit
 ``uvicorn --workers 4`` each tick runs in one worker, not four. ``repeat_every.fastapi``'s
 router serves ``GET /tasks`` (what they did, here and fleet-wide), ``GET /health/tasks``
 (503 when one has not succeeded for too long) and, when ``ADMIN_TOKEN`` is set, the control
-routes (run now, pause, resume) for callers that send that token. Run it with
+routes (run now, pause, resume) for callers that send that token. ``GET /metrics`` serves the
+jobs' Prometheus series (``repeat_every.metrics.prometheus``; each worker process its own, see
+docs/operating.md for multiprocess mode). Run it with
 ``python -m examples.tokens_app`` (see ``__main__.py``) or
 ``uvicorn examples.tokens_app.main:app``.
 """
@@ -26,12 +28,14 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Header, HTTPException
+from prometheus_client import CollectorRegistry, make_asgi_app
 from pydantic import BaseModel, Field
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
 from repeat_every import lifespan, repeat_at, repeat_every
 from repeat_every.fastapi import tasks_router
+from repeat_every.metrics.prometheus import PrometheusMetrics
 from repeat_every.stores import SQLiteClaimStore
 
 from .db import Token, count_tokens, create_tables, create_token, list_tokens, utcnow
@@ -82,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = create_engine(settings.database_url)
     new_session = sessionmaker(engine)
     claims = SQLiteClaimStore(settings.claims_path)  # one tick, one run, across workers
+    registry = CollectorRegistry()  # this app's metrics (GET /metrics)
 
     @repeat_every(seconds=settings.cleanup_seconds, store=claims, name="remove_expired_tokens")
     def remove_expired_tokens() -> None:
@@ -108,8 +113,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.report_cron,
             settings.report_tz,
         )
-        async with claims:
-            yield
+        # The jobs' series are recorded while the app runs (installed before the tasks start).
+        with PrometheusMetrics(registry=registry):
+            async with claims:
+                yield
         engine.dispose()
 
     app = FastAPI(
@@ -141,6 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(
         tasks_router(*tasks, control=token is not None, authorize=bearer(token) if token else None)
     )
+    # GET /metrics: runs by outcome, durations, lateness, skipped ticks, last success, in progress.
+    app.mount("/metrics", make_asgi_app(registry=registry))
 
     return app
 

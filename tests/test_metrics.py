@@ -195,6 +195,8 @@ async def test_prometheus_installed_during_a_run_never_shows_a_negative_count_in
             assert sample(registry, "repeat_every_runs_total", task="midway", outcome="ok") == 1
             await fake_clock.advance(50)  # the next run: 60 → 70
             assert sample(registry, "repeat_every_runs_in_progress", task="midway") == 1
+            await fake_clock.advance(10)  # it ends, so that leaving run_tasks waits for nothing
+            assert sample(registry, "repeat_every_runs_in_progress", task="midway") == 0
 
 
 def test_prometheus_uninstall_unregisters_the_series_and_a_second_install_is_refused() -> None:

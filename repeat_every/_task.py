@@ -27,13 +27,12 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-# Every running loop, so none is garbage-collected while it runs (asyncio keeps only weak
-# references to tasks). A handle leaves the set when its loop ends.
-_RUNNING: set[TaskHandle] = set()
-
-# The same handles by name: how get_handle and the unique-name rule find them without scanning
-# every running loop. A name maps to its handle, or (only with a claim store, when several
-# loops share it) to a list of them in start order: no list per task in the usual case.
+# Every running loop by name, so none is garbage-collected while it runs (asyncio keeps only
+# weak references to tasks), and how get_handle and the unique-name rule find them without
+# scanning. A name maps to its handle, or (only with a claim store, when several loops share
+# it) to a list of them in start order: no list per task in the usual case, and no second
+# collection (a set of the same handles cost ~50 B per idle task). A handle leaves when its
+# loop ends.
 _BY_NAME: dict[str, TaskHandle | list[TaskHandle]] = {}
 
 _RETURNED: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -184,7 +183,6 @@ class TaskHandle:
     def __init__(self, task: PeriodicTask[Any], clock: Clock, loop: asyncio.AbstractEventLoop):
         self._start_wall = clock.wall()  # when the loop started, on its wall clock
         self._runner = Runner(task, clock, loop, self._ended)
-        _RUNNING.add(self)
         same = _BY_NAME.setdefault(task.name, self)
         if same is not self:
             if isinstance(same, list):
@@ -431,7 +429,6 @@ def _rescheduled(handle: TaskHandle, seconds: object, cron: object, tz: object) 
 
 
 def _forget(handle: TaskHandle) -> None:
-    _RUNNING.discard(handle)
     name = handle.name
     same = _BY_NAME.get(name)
     if same is handle:
@@ -468,13 +465,7 @@ def get_handle(name: str) -> TaskHandle | None:
 
 def running_handles() -> frozenset[TaskHandle]:
     """Every loop alive in this process (all event loops)."""
-    # A loop that has just ended leaves _RUNNING only when its done callback runs, one event
+    # A loop that has just ended leaves _BY_NAME only when its done callback runs, one event
     # loop step later; it is not alive in the meantime. One whose event loop was closed under
-    # it never gets that callback: it leaves here.
-    alive = set()
-    for handle in list(_RUNNING):
-        if handle._runner.loop.is_closed():
-            _forget(handle)
-        elif not handle.done:
-            alive.add(handle)
-    return frozenset(alive)
+    # it never gets that callback: it leaves here (in _alive).
+    return frozenset(handle for name in list(_BY_NAME) for handle in _alive(name))

@@ -731,7 +731,7 @@ async def test_a_bounded_aclose_that_needs_virtual_time_nobody_gives_says_so(
 
     handle = slow()
     await fake_clock.advance(1)
-    with pytest.raises(RunStalledError, match="'repeat_every:slow' has not ended"):
+    with pytest.raises(RunStalledError, match="'slow' has not ended"):
         await handle.aclose(timeout=10)  # the run waits for virtual time: advance the clock
     handle.cancel()
     await handle.wait()

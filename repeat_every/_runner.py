@@ -180,13 +180,15 @@ class Runner:
 
     def state(self) -> TaskState:
         clock = self.clock
-        next_at: dt.datetime | None = None
-        next_run = None if self.next is None else self.next.deadline / NS
-        if next_run is not None:
-            wall = clock.wall() + (next_run - clock.monotonic())
-            next_at = dt.datetime.fromtimestamp(wall, dt.timezone.utc)
-        last = self.last_started
-        ok = self.last_ok
+        now, now_wall = clock.monotonic_ns(), clock.wall()
+
+        def wall_at(ns: int | None) -> dt.datetime | None:
+            """The wall-clock instant of ``ns`` on the loop's clock."""
+            if ns is None:
+                return None
+            return dt.datetime.fromtimestamp(now_wall + (ns - now) / NS, dt.timezone.utc)
+
+        following = None if self.next is None else self.next.deadline
         duration = self.last_duration
         return TaskState(
             name=self.name,
@@ -197,18 +199,10 @@ class Runner:
             skipped=self.skipped,
             elsewhere=self.elsewhere,
             last_exception=self.last_exception,
-            next_run=next_run,
-            next_run_at=next_at,
-            last_started_at=None
-            if last is None
-            else dt.datetime.fromtimestamp(
-                clock.wall() - (clock.monotonic_ns() - last) / NS, dt.timezone.utc
-            ),
-            last_success_at=None
-            if ok is None
-            else dt.datetime.fromtimestamp(
-                clock.wall() - (clock.monotonic_ns() - ok) / NS, dt.timezone.utc
-            ),
+            next_run=None if following is None else following / NS,
+            next_run_at=wall_at(following),
+            last_started_at=wall_at(self.last_started),
+            last_success_at=wall_at(self.last_ok),
             last_duration=None if duration is None else duration / NS,
             consecutive_failures=self.consecutive_failures,
             paused=self.paused,
@@ -340,11 +334,15 @@ class Runner:
             except asyncio.CancelledError as exc:
                 self._manual_record(tick, attempt, t, exc)
                 if _listeners:
-                    self._emit_ended(tick, attempt, t, exc, cancelled=True, manual=True)
+                    self._emit_ended(
+                        tick, attempt, t, clock.monotonic_ns(), exc, cancelled=True, manual=True
+                    )
                 raise
             record = self._manual_record(tick, attempt, t, error)
             if _listeners:
-                self._emit_ended(tick, attempt, t, error, cancelled=False, manual=True)
+                self._emit_ended(
+                    tick, attempt, t, clock.monotonic_ns(), error, cancelled=False, manual=True
+                )
             if error is None or retry is None or self.stop_requested:
                 break
             if attempt >= retry.attempts or not isinstance(error, retry.on):
@@ -353,9 +351,10 @@ class Runner:
             self._retrying(tick, attempt, error, delay)
             await clock.sleep(delay)
             attempt += 1
-        self._run_ended(started, clock.monotonic_ns(), error)
+        ended = clock.monotonic_ns()
+        self._run_ended(started, ended, error)
         if _listeners:
-            self._emit_run_ended(tick, attempt, started, error, manual=True)
+            self._emit_run_ended(tick, attempt, started, ended, error, manual=True)
         if error is not None:
             try:
                 await self._report(error, tick, attempt)
@@ -371,9 +370,10 @@ class Runner:
         self, tick: Tick, attempt: int, started: int, error: BaseException | None
     ) -> RunRecord:
         """The record of a run_now() attempt (cancelled: any cancellation, which it re-raises)."""
-        started_wall = self.clock.wall() - (self.clock.monotonic_ns() - started) / NS
+        ended = self.clock.monotonic_ns()
+        started_wall = self.clock.wall() - (ended - started) / NS
         cancelled = isinstance(error, asyncio.CancelledError)
-        record = self._attempt_record(tick, attempt, started, started_wall, error, cancelled)
+        record = self._attempt_record(tick, attempt, started, ended, started_wall, error, cancelled)
         if self.observer is not None and self.observer.wants_records:
             self.observer.run_finished(record)
         return record
@@ -584,17 +584,18 @@ class Runner:
                         error = exc
                     except asyncio.CancelledError as exc:
                         if not self._raised_by_job():
+                            ended = now()
                             if records:
-                                self._record(tick, attempt, t, now(), started_wall, exc)
+                                self._record(tick, attempt, t, ended, started_wall, exc)
                             if _listeners:
-                                self._emit_ended(tick, attempt, t, exc, cancelled=True)
+                                self._emit_ended(tick, attempt, t, ended, exc, cancelled=True)
                             raise
                         error = exc
                     ended = now()
                     if records:
                         self._record(tick, attempt, t, ended, started_wall, error)
                     if _listeners:
-                        self._emit_ended(tick, attempt, t, error, cancelled=False)
+                        self._emit_ended(tick, attempt, t, ended, error, cancelled=False)
                     if error is None or retry is None:
                         break
                     if not await self._retried(plan, tick, attempt, error):
@@ -608,7 +609,7 @@ class Runner:
                 # Report a failure (log, on_exception, raise_exceptions), then plan the next.
                 self._run_ended(run_started, ended, error)
                 if _listeners:
-                    self._emit_run_ended(tick, attempt, run_started, error)
+                    self._emit_run_ended(tick, attempt, run_started, ended, error)
                 if error is not None:
                     await self._report(error, tick, attempt)
                     t = now()
@@ -1035,6 +1036,7 @@ class Runner:
         tick: Tick,
         attempt: int,
         started: int,
+        ended: int,
         error: BaseException | None,
         cancelled: bool,
         manual: bool = False,
@@ -1047,7 +1049,7 @@ class Runner:
                 attempt,
                 tick.deadline / NS,  # scheduled
                 started / NS,
-                self.clock.monotonic(),  # ended
+                ended / NS,
                 _outcome(error, cancelled),
                 error,
                 manual,
@@ -1059,6 +1061,7 @@ class Runner:
         tick: Tick,
         attempts: int,
         started: int,
+        ended: int,
         error: BaseException | None,
         manual: bool = False,
     ) -> None:
@@ -1070,7 +1073,7 @@ class Runner:
                 attempts,
                 tick.deadline / NS,  # scheduled
                 started / NS,
-                self.clock.monotonic(),  # ended
+                ended / NS,
                 _outcome(error),
                 error,
                 manual,
@@ -1092,48 +1095,39 @@ class Runner:
         """Give the observer the record of an attempt that started at ``started`` and just
         ended, at ``ended`` (ns), when the observer wants records."""
         assert self.observer is not None
-        if error is None:
-            # A test clock's hot path (once per simulated run): the record of a success is
-            # built in place, as `_attempt_record` would build it.
-            record = _new_record(
-                (
-                    self.periodic._name,  # (not the properties: two calls per attempt)
-                    self.runs,
-                    attempt,
-                    tick.deadline / NS,
-                    started / NS,
-                    ended / NS,
-                    "ok",
-                    None,
-                    started_wall,
-                )
-            )
-        else:
-            cancelled = isinstance(error, asyncio.CancelledError) and not self._raised_by_job()
-            record = self._attempt_record(tick, attempt, started, started_wall, error, cancelled)
-        self.observer.run_finished(record)
+        cancelled = isinstance(error, asyncio.CancelledError) and not self._raised_by_job()
+        self.observer.run_finished(
+            self._attempt_record(tick, attempt, started, ended, started_wall, error, cancelled)
+        )
 
     def _attempt_record(
         self,
         tick: Tick,
         attempt: int,
         started: int,
+        ended: int,
         started_wall: float,
         error: BaseException | None,
         cancelled: bool,
     ) -> RunRecord:
-        """The record of an attempt that just ended; ``cancelled``: it was cancelled from
-        outside (not a ``CancelledError`` the job raised itself)."""
-        return RunRecord(
-            self.name,
-            self.runs,
-            attempt,
-            tick.deadline / NS,
-            started / NS,
-            self.clock.monotonic(),
-            _outcome(error, cancelled),
-            error,
-            started_wall,
+        """The record of an attempt from ``started`` to ``ended`` (ns); ``cancelled``: it was
+        cancelled from outside (not a ``CancelledError`` the job raised itself).
+
+        (A test clock's hot path, once per simulated run: no property, no `_outcome` call for
+        a success, and the tuple made without the NamedTuple's Python-level ``__new__``.)
+        """
+        return _new_record(
+            (
+                self.periodic._name,
+                self.runs,
+                attempt,
+                tick.deadline / NS,
+                started / NS,
+                ended / NS,
+                "ok" if error is None else _outcome(error, cancelled),
+                error,
+                started_wall,
+            )
         )
 
     async def _record_run(

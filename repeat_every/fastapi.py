@@ -104,24 +104,26 @@ class TaskInfo(BaseModel):
     name: str
     schedule: str
     """When it runs, in words (``every 3600 s, aligned to the wall clock``)."""
-    running: bool
-    paused: bool
-    started_at: dt.datetime | None
-    """When its loop started in this worker (``None``: never started)."""
-    runs: int
-    failures: int
-    retries: int
-    skipped: int
-    elsewhere: int
-    paused_ticks: int
-    consecutive_failures: int
-    last_error: str | None
-    last_started_at: dt.datetime | None
-    last_success_at: dt.datetime | None
-    """When its last successful run in this worker ended."""
-    last_duration: float | None
-    next_run_at: dt.datetime | None
     health: TaskHealth
+    # Its TaskState in this worker (TaskState.as_dict()); a task never started has the
+    # defaults.
+    running: bool = False
+    paused: bool = False
+    started_at: dt.datetime | None = None
+    """When its loop started in this worker (``None``: never started)."""
+    runs: int = 0
+    failures: int = 0
+    retries: int = 0
+    skipped: int = 0
+    elsewhere: int = 0
+    paused_ticks: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_started_at: dt.datetime | None = None
+    last_success_at: dt.datetime | None = None
+    """When its last successful run in this worker ended."""
+    last_duration: float | None = None
+    next_run_at: dt.datetime | None = None
     fleet: FleetStatus | None
 
 
@@ -511,48 +513,17 @@ class _View:
         handle = entry.handle
         health = self.health(entry, fleet)
         if handle is None:
-            return TaskInfo(
-                name=entry.name,
-                schedule=entry.task.schedule.describe(),
-                running=False,
-                paused=False,
-                started_at=None,
-                runs=0,
-                failures=0,
-                retries=0,
-                skipped=0,
-                elsewhere=0,
-                paused_ticks=0,
-                consecutive_failures=0,
-                last_error=None,
-                last_started_at=None,
-                last_success_at=None,
-                last_duration=None,
-                next_run_at=None,
-                health=health,
-                fleet=fleet,
-            )
-        state = handle.state
-        return TaskInfo(
-            name=entry.name,
-            schedule=handle.schedule.describe(),
-            running=state.running,
-            paused=state.paused,
-            started_at=handle.started_at,
-            runs=state.runs,
-            failures=state.failures,
-            retries=state.retries,
-            skipped=state.skipped,
-            elsewhere=state.elsewhere,
-            paused_ticks=state.paused_ticks,
-            consecutive_failures=state.consecutive_failures,
-            last_error=None if state.last_exception is None else repr(state.last_exception),
-            last_started_at=state.last_started_at,
-            last_success_at=state.last_success_at,
-            last_duration=state.last_duration,
-            next_run_at=state.next_run_at,
-            health=health,
-            fleet=fleet,
+            schedule = entry.task.schedule.describe()
+            return TaskInfo(name=entry.name, schedule=schedule, health=health, fleet=fleet)
+        return TaskInfo.model_validate(
+            {
+                **handle.state.as_dict(),
+                "name": entry.name,
+                "schedule": handle.schedule.describe(),
+                "started_at": handle.started_at,
+                "health": health,
+                "fleet": fleet,
+            }
         )
 
     def health(self, entry: _Entry, fleet: FleetStatus | None) -> TaskHealth:

@@ -513,15 +513,11 @@ class FakeClock:
         ready = self._jump_ready
         if len(ready) != 1 or getattr(ready[0]._callback, "__self__", None) is not self._driver:
             return False
-        sleepers = self._sleepers
-        while sleepers and sleepers[0][3].done():
-            heapq.heappop(sleepers)
-        if sleepers and sleepers[0][0] <= deadline:
-            return False
-        timers = self._timers
-        while timers and not _timer_alive(timers[0][2]):
-            heapq.heappop(timers)
-        return not timers or timers[0][0] > deadline
+        self._drop_dead()
+        sleepers, timers = self._sleepers, self._timers
+        return (not sleepers or sleepers[0][0] > deadline) and (
+            not timers or timers[0][0] > deadline
+        )
 
     def _jump(self, future: asyncio.Future[None], deadline: int) -> asyncio.Future[None]:
         """Move time to ``deadline`` and resolve ``future`` at once (see `_may_jump`)."""
@@ -533,9 +529,7 @@ class FakeClock:
         self._jumps_left -= 1
         self._now = deadline
         self._moves += 1
-        self._changes += 1
-        if self._blocked:
-            self._changed.notify_all()
+        self._notify()
         travel = self._jump_travel
         if travel is not None:
             travel.move_to(self.now_datetime)
@@ -956,7 +950,7 @@ class FakeClock:
         sleepers on other loops) is returned for `_wake`. ``None``: nothing is due, time moved
         to ``target``.
 
-        (The hot path of every simulated run: `_drop_dead` and `_notify` are inlined.)
+        (The hot path of every simulated run that cannot jump: `_notify` is inlined.)
         """
         due: list[asyncio.Future[None] | VirtualTimer] = []
         with self._lock:
@@ -964,17 +958,10 @@ class FakeClock:
                 # A set never shrinks, and iterating it visits every slot it ever had: after
                 # 10,000 tasks started at once, a fresh one keeps each step O(woken).
                 self._awake = set()
-            sleepers = self._sleepers
-            while sleepers and sleepers[0][3].done():
-                heapq.heappop(sleepers)
-            timers = self._timers
+            self._drop_dead()
+            sleepers, timers = self._sleepers, self._timers
             if timers:  # waits inside runs pending: the earlier of the two heaps
-                while timers and not _timer_alive(timers[0][2]):
-                    heapq.heappop(timers)
-                if timers:
-                    nxt = timers[0][0] if not sleepers else min(sleepers[0][0], timers[0][0])
-                else:
-                    nxt = sleepers[0][0] if sleepers else target + 1
+                nxt = timers[0][0] if not sleepers else min(sleepers[0][0], timers[0][0])
             else:
                 nxt = sleepers[0][0] if sleepers else target + 1
             self._moves += 1

@@ -223,6 +223,9 @@ class _CronPlan:
         assert tick.key is not None
         return tick.deadline + (self._cron._first_at_or_after(tick.key + 1) - tick.key) * NS
 
+    def key_instant(self, key: int) -> int:
+        return key * NS
+
     def remaining(self, tick: Tick, now: int) -> int:
         assert tick.key is not None
         late = self._wall() - tick.key * NS

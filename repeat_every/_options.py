@@ -66,6 +66,9 @@ class TaskOptions:
     """Whether the store's ``claim`` takes ``deadline=`` (decided once, by its signature)."""
     store_records_runs: bool = field(init=False, repr=False)
     """Whether the store has ``record_run`` (the stores of ``repeat_every.stores`` do)."""
+    store_claims_many: bool = field(init=False, repr=False)
+    """Whether the store has ``claim_many`` and its ``claim`` takes ``deadline=``: tasks due at
+    the same instant then claim together (see ``_claim_group``)."""
     timebase: Clock | None = field(init=False, repr=False)
     """The task's own clock (``clock``/``sleep`` given), or ``None``: the default at start."""
 
@@ -105,7 +108,7 @@ class TaskOptions:
         seed = self.seed
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
-        takes_deadline, records_runs = self._check_store(jitter)
+        takes_deadline, records_runs, claims_many = self._check_store(jitter)
         ttl = None if self.claim_ttl is None else duration_ns(self.claim_ttl, "claim_ttl")
         if ttl is not None and ttl < MIN_CLAIM_TTL_NS:
             raise ValueError(
@@ -132,12 +135,14 @@ class TaskOptions:
             ("misfire_grace_ns", self._check_catch_up(takes_deadline)),
             ("store_takes_deadline", takes_deadline),
             ("store_records_runs", records_runs),
+            ("store_claims_many", claims_many),
             ("timebase", own),
         ):
             object.__setattr__(self, name_, value)
 
-    def _check_store(self, jitter: int) -> tuple[bool, bool]:
-        """Check ``store``; whether its ``claim`` takes ``deadline=``, whether it records runs."""
+    def _check_store(self, jitter: int) -> tuple[bool, bool, bool]:
+        """Check ``store``; whether its ``claim`` takes ``deadline=``, whether it records runs,
+        whether it claims many ticks at once."""
         store = self.store
         if isinstance(store, type):
             raise TypeError(
@@ -162,9 +167,12 @@ class TaskOptions:
         if self.on_store_error not in ("skip", "run"):
             raise ValueError(f"on_store_error must be 'skip' or 'run', got {self.on_store_error!r}")
         if store is None:
-            return False, False
-        return _takes(store.claim, "deadline"), inspect.iscoroutinefunction(
-            getattr(store, "record_run", None)
+            return False, False, False
+        takes_deadline = _takes(store.claim, "deadline")
+        return (
+            takes_deadline,
+            inspect.iscoroutinefunction(getattr(store, "record_run", None)),
+            takes_deadline and inspect.iscoroutinefunction(getattr(store, "claim_many", None)),
         )
 
     def _check_catch_up(self, takes_deadline: bool) -> int | None:

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from ._claim_group import Preclaim, claim_group
 from ._durations import NS, to_ns
 from ._events import (
     AttemptEnded,
@@ -45,8 +46,9 @@ from ._threads import executor
 from ._timebase import Clock, SleepFunc, TaskObserver, observer_of
 
 if TYPE_CHECKING:
+    from ._claim_group import ClaimGroup
     from ._options import TaskOptions
-    from ._schedule import KeyedSchedule, Plan, Schedule
+    from ._schedule import KeyedPlan, KeyedSchedule, Plan, Schedule
     from ._task import PeriodicTask
 
 log = logging.getLogger("repeat_every")
@@ -105,6 +107,7 @@ class Runner:
         "paused",
         "paused_ticks",
         "periodic",
+        "preclaim",
         "replan",
         "retries",
         "runs",
@@ -158,6 +161,9 @@ class Runner:
         self.sleeping = False
         self.interrupting = False
         self.waiters = 0
+        # A peer due at the same instant claimed this loop's tick (see _claim_group):
+        # (the tick, the peer's Preclaim, this loop's index in it)
+        self.preclaim: tuple[Tick, Preclaim, int] | None = None
         self._random: random.Random | None = None  # made on first use: 3 kB per task
         self._skip_logged_at: int | None = None  # when skipped ticks were last logged
         self._skips_unlogged = 0
@@ -490,7 +496,9 @@ class Runner:
         # (Few locals: this coroutine's frame lives as long as the task, ~8 B each per task.)
         records = self.observer is not None and self.observer.wants_records
         store, jitter, retry = opts.store, opts.jitter_ns, opts.retry
-        takes_deadline = opts.store_takes_deadline
+        # Tasks of one store due at the same instant claim together (no jitter: with one,
+        # peers claim at moments of their own, on purpose).
+        group = claim_group(store, self.loop) if opts.store_claims_many and not jitter else None
         records_runs = opts.store_records_runs
         func = self.periodic._func
         call = self._choose_call()  # None: an async job without timeout, awaited right here
@@ -521,6 +529,10 @@ class Runner:
                     if self.stop_requested:
                         raise _Stopped
                     self.sleeping = True
+                    if group is not None:  # a peer that wakes first may claim this tick too
+                        group.expect(
+                            self, tick, self._instant(plan, tick), self._claim_ttl(plan, tick)
+                        )
                     try:
                         await sleep(remaining / NS)
                     except asyncio.CancelledError:
@@ -531,32 +543,19 @@ class Runner:
                     self.sleeping = False
                     t = now()
                 if self.held:  # paused, rescheduled or run_now() in progress: not this tick
+                    if group is not None:
+                        group.leave(self, self._instant(plan, tick))
                     plan, tick = await self._held_tick(plan, tick, t)
                     t = now()
                     continue
                 self.in_tick = True
-                # Claim (with a store), after the jitter, so peers claim as far apart as they
-                # start; a worker that woke too late for its tick skips it.
-                # With deadline= the store itself refuses a claim that comes too late, whatever
-                # delayed it; the stale check then only spares a hopeless claim. Without it, the
-                # check must come after the jitter, right before the claim (see _past_stale).
+                # Claim (with a store: stale check, jitter, claim), or the jitter alone.
                 if claimed:
                     claimed = False
                 elif store is not None:
-                    ttl = self._claim_ttl(plan, tick)
-                    if takes_deadline and (current := self._past_stale(plan, tick, t, ttl)):
-                        tick = current
-                        continue
-                    if jitter:
-                        await self._asleep(int(self._rng().random() * jitter), sleep)
-                        self.sleeping = False
+                    if (current := await self._take(plan, tick, t, group, sleep)) is not None:
                         t = now()
-                    if not takes_deadline and (current := self._past_stale(plan, tick, t, ttl)):
-                        tick = current
-                        continue
-                    if not await self._claim(tick, ttl):
-                        t = now()
-                        tick = plan.after(tick, t)[0]
+                        tick = current  # stale, or claimed by another worker: wait for this
                         continue
                     t = now()
                 elif jitter:
@@ -631,6 +630,8 @@ class Runner:
             self._end_with(end.error)
             return
         finally:
+            if group is not None and self.next is not None:
+                group.leave(self, self._instant(plan, self.next))
             self.next = None
             self._tick_over()
         if opts.on_complete is not None:
@@ -782,50 +783,145 @@ class Runner:
         )
         return current
 
-    def _deadline(self, tick: Tick) -> float:
-        """The tick's due instant in Unix seconds, from its key alone: the same in every worker
-        (never read from this worker's clock, which may be late or skewed)."""
-        assert tick.key is not None
-        return cast("KeyedSchedule", self.opts.schedule).key_instant(tick.key) / NS
+    async def _take(
+        self, plan: Plan, tick: Tick, t: int, group: ClaimGroup | None, sleep: SleepFunc
+    ) -> Tick | None:
+        """Claim the due ``tick`` (with a store): ``None`` if this worker runs it, else the tick
+        to wait for instead (this one was stale, claimed by another worker, or skipped by the
+        ``on_store_error`` policy).
 
-    async def _claim(self, tick: Tick, ttl: int) -> bool:
-        opts = self.opts
-        assert opts.store is not None
+        Claims after the jitter, so peers claim as far apart as they start. With deadline= the
+        store itself refuses a claim that comes too late, whatever delayed it; the stale check
+        then only spares a hopeless claim. Without it, the check must come after the jitter,
+        right before the claim (see _past_stale).
+        """
+        pre = self.preclaim
+        if pre is not None:
+            self.preclaim = None
+            if pre[0] is tick:  # a peer due at the same instant claimed it, in time
+                won = pre[1].won
+                if won is not None:
+                    run = self._claimed(tick, won[pre[2]])
+                else:
+                    run = await self._preclaimed(plan, tick, pre)
+                return None if run else plan.after(tick, self.clock.monotonic_ns())[0]
+        ttl = self._claim_ttl(plan, tick)
+        takes_deadline = self.opts.store_takes_deadline
+        if takes_deadline and (current := self._past_stale(plan, tick, t, ttl)):
+            if group is not None:
+                group.leave(self, self._instant(plan, tick))
+            return current
+        if self.opts.jitter_ns:
+            await self._asleep(int(self._rng().random() * self.opts.jitter_ns), sleep)
+            self.sleeping = False
+            t = self.clock.monotonic_ns()
+        if not takes_deadline and (current := self._past_stale(plan, tick, t, ttl)):
+            return current
+        if await self._claim(plan, tick, ttl, group):
+            return None
+        return plan.after(tick, self.clock.monotonic_ns())[0]
+
+    def _instant(self, plan: Plan, tick: Tick) -> int:
+        """The tick's due instant in ns since the Unix epoch, from its key alone: the same in
+        every worker (never read from this worker's clock, which may be late or skewed), and
+        from the plan the tick belongs to (a rescheduled loop's keys are its new schedule's)."""
         assert tick.key is not None
+        return cast("KeyedPlan", plan).key_instant(tick.key)
+
+    async def _claim(self, plan: Plan, tick: Tick, ttl: int, group: ClaimGroup | None) -> bool:
+        """Whether this worker runs ``tick``: the store's answer, or the ``on_store_error``
+        policy's when the store failed. With a group, the ticks of the peers due at the same
+        instant are claimed in the same call."""
+        store: Any = self.opts.store
+        instant = self._instant(plan, tick)
         try:
             with real_time():  # a store's request and timeout are real even under a FakeClock
-                if opts.store_takes_deadline:
-                    won = await opts.store.claim(  # type: ignore[call-arg]
-                        self.name, tick.key, ttl / NS, deadline=self._deadline(tick)
-                    )
+                if group is not None and (peers := group.take(self, instant)):
+                    won = await self._claim_together(group, peers, tick, ttl, instant)
+                elif self.opts.store_takes_deadline:
+                    won = await store.claim(self.name, tick.key, ttl / NS, deadline=instant / NS)
                 else:
-                    won = await opts.store.claim(self.name, tick.key, ttl / NS)
-        except Exception:
-            if opts.on_store_error == "run":
-                self._logger().warning(
-                    "%s: claim store failed; running tick %d anyway (on_store_error='run')",
-                    self.name,
-                    tick.key,
-                    exc_info=True,
-                    extra=self._extra(tick),
+                    won = await store.claim(self.name, tick.key, ttl / NS)
+        except Exception as exc:
+            return self._store_failed(tick, exc)
+        return self._claimed(tick, won)
+
+    async def _claim_together(
+        self,
+        group: ClaimGroup,
+        peers: list[tuple[Runner, Tick, int]],
+        tick: Tick,
+        ttl: int,
+        instant: int,
+    ) -> bool:
+        """Claim ``tick`` and the peers' ticks due at the same ``instant`` in one call; hand
+        each peer its answer (`Runner.preclaim`); this loop's own."""
+        assert tick.key is not None
+        batch = Preclaim()
+        deadline = instant / NS
+        claims = [(self.name, tick.key, ttl / NS, deadline)]
+        for index, (peer, peer_tick, peer_ttl) in enumerate(peers, 1):
+            assert peer_tick.key is not None
+            peer.preclaim = (peer_tick, batch, index)
+            claims.append((peer.name, peer_tick.key, peer_ttl / NS, deadline))
+        try:
+            won = await group.store.claim_many(claims)
+            if not isinstance(won, list) or len(won) != len(claims):
+                raise TypeError(
+                    f"{group.store!r}.claim_many returned {type(won).__name__} for "
+                    f"{len(claims)} claims; it must return one bool per claim, in order"
                 )
-                return True
-            self.skipped += 1
-            self._logger().error(
-                "%s: claim store failed; skipping tick %d (on_store_error='skip')",
-                self.name,
-                tick.key,
-                exc_info=True,
-                extra=self._extra(tick, skipped=("store_error", 1)),
-            )
-            if _listeners:
-                self._emit_skipped("store_error", 1)
-            return False
+        except Exception as exc:
+            batch.settle(None, exc)
+            raise
+        except BaseException:  # cancelled meanwhile: each peer claims its own tick
+            batch.settle(None, None)
+            raise
+        batch.settle(won, None)
+        return bool(won[0])
+
+    async def _preclaimed(self, plan: Plan, tick: Tick, pre: tuple[Tick, Preclaim, int]) -> bool:
+        """Whether this worker runs ``tick``, which a peer claimed with its own (the peer's
+        call may still be in progress)."""
+        _, batch, index = pre
+        await batch.wait()
+        if batch.won is not None:
+            return self._claimed(tick, batch.won[index])
+        if batch.error is not None:
+            return self._store_failed(tick, batch.error)
+        # The peer was cancelled during its call: claim alone.
+        return await self._claim(plan, tick, self._claim_ttl(plan, tick), None)
+
+    def _claimed(self, tick: Tick, won: object) -> bool:
         if not won:
             self.elsewhere += 1
+            assert tick.key is not None
             if _listeners:
                 emit(ClaimedElsewhere(self.name, self.clock.wall(), tick.deadline / NS, tick.key))
         return bool(won)
+
+    def _store_failed(self, tick: Tick, error: Exception) -> bool:
+        """The ``on_store_error`` policy for ``tick``, whose claim raised ``error``."""
+        if self.opts.on_store_error == "run":
+            self._logger().warning(
+                "%s: claim store failed; running tick %d anyway (on_store_error='run')",
+                self.name,
+                tick.key,
+                exc_info=error,
+                extra=self._extra(tick),
+            )
+            return True
+        self.skipped += 1
+        self._logger().error(
+            "%s: claim store failed; skipping tick %d (on_store_error='skip')",
+            self.name,
+            tick.key,
+            exc_info=error,
+            extra=self._extra(tick, skipped=("store_error", 1)),
+        )
+        if _listeners:
+            self._emit_skipped("store_error", 1)
+        return False
 
     async def _catch_up(self, plan: Plan, first: Tick, t: int) -> Tick | None:
         """The tick missed before ``first`` to run now, once across the fleet, or None.
@@ -855,7 +951,11 @@ class Runner:
                 if last is not None and last.tick >= key:
                     return None  # run, or being run, by a worker
                 won = await store.claim(
-                    self.name, key, grace / NS, deadline=self._deadline(missed), if_newest=True
+                    self.name,
+                    key,
+                    grace / NS,
+                    deadline=self._instant(plan, missed) / NS,
+                    if_newest=True,
                 )
         except Exception:
             self._logger().error(

@@ -89,6 +89,14 @@ class Schedule(Protocol):
         """Nanoseconds a jitter must stay below, and what that bound is (for the error)."""
 
 
+class KeyedPlan(Plan, Protocol):
+    """The plan of a `KeyedSchedule`: its ticks carry a ``key``."""
+
+    def key_instant(self, key: int) -> int:
+        """The wall-clock instant tick ``key`` of this plan is due, in ns since the Unix epoch
+        (the same in every worker: the claim's deadline)."""
+
+
 class KeyedSchedule(Schedule, Protocol):
     """A schedule whose ticks carry a wall-clock ``key`` (aligned grids and cron).
 
@@ -262,6 +270,9 @@ class _AlignedPlan:
 
     def following(self, tick: Tick) -> int:
         return tick.deadline + self._period
+
+    def key_instant(self, key: int) -> int:
+        return key * self._period + self._offset
 
     def remaining(self, tick: Tick, now: int) -> int:
         assert tick.key is not None

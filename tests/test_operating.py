@@ -679,6 +679,39 @@ async def test_reschedule_during_a_run_applies_after_it(fake_clock: FakeClock) -
     await handle.wait()
 
 
+class DeadlineStore:
+    """A claim store that wins every claim and keeps the deadlines it was given."""
+
+    def __init__(self) -> None:
+        self.claims: list[tuple[int, float]] = []
+
+    async def claim(self, task: str, tick: int, ttl: float, *, deadline: float) -> bool:
+        self.claims.append((tick, deadline))
+        return True
+
+
+@pytest.mark.fake_clock(start=dt.datetime(2030, 1, 7, 8, 0, tzinfo=dt.timezone.utc))
+async def test_a_rescheduled_task_claims_with_its_new_schedules_deadlines(
+    fake_clock: FakeClock,
+) -> None:
+    # A claim's deadline is the tick's due instant in every worker: after reschedule() it must
+    # come from the new schedule, or the store would take a late claim for a tick it thinks
+    # is not due yet (the key of a 30 s grid read on the 60 s grid is twice as far away).
+    store = DeadlineStore()
+
+    @repeat_every(seconds=60, store=store, name="sync")
+    async def sync() -> None:
+        pass
+
+    handle = sync()
+    await fake_clock.advance(65)
+    handle.reschedule(seconds=30)
+    await fake_clock.advance(60)
+    start = dt.datetime(2030, 1, 7, 8, 0, tzinfo=dt.timezone.utc).timestamp()
+    assert [deadline - start for _, deadline in store.claims] == [0, 60, 90, 120]
+    await handle.aclose()
+
+
 @pytest.mark.fake_clock(start=dt.datetime(2030, 1, 7, 8, 0, tzinfo=dt.timezone.utc))
 async def test_reschedule_a_cron_task_with_a_new_expression_or_zone(fake_clock: FakeClock) -> None:
     ran: list[dt.datetime] = []

@@ -225,6 +225,31 @@ class SQLiteClaimStore:
             batch = self._new_batch(file)
         return await batch.add_claim(task, tick, seconds, deadline)
 
+    async def claim_many(self, claims: Sequence[tuple[str, int, float, float]]) -> list[bool]:
+        """Claim several ticks in one transaction: each ``(task, tick, ttl, deadline)`` as
+        ``claim(task, tick, ttl, deadline=deadline)`` claims it; whether each was won, in order.
+
+        What the task loop calls when several tasks of this store are due at the same instant
+        (one of them claims for all). The same ``(task, tick)`` twice: the first may win, the
+        second loses. Every claim is checked before any reaches the file; raises whatever
+        SQLite raised when the file cannot be used (no claim of the call is then won).
+
+        The won claims are noted in the run records (`status`'s ``last_claim``) right after,
+        in the transaction of the next writes (at the end of this turn of the event loop, with
+        the run records of the tasks that ran meanwhile), not in the claims' own: the callers
+        wait for the claims alone. A tick whose claim is live needs no note to stay claimed.
+        """
+        flat: Flat = []
+        for task, tick, ttl, deadline in claims:
+            flat += (task, tick, check_claim(task, tick, ttl, deadline), deadline)
+        if not flat:
+            return []
+        won, noted = await self._write(self._claims_unnoted, flat)
+        if noted:
+            file = self._file_now() or await self._file()
+            (file.batch or self._new_batch(file)).notes.extend(noted)
+        return won
+
     async def record_run(
         self,
         task: str,
@@ -315,7 +340,18 @@ class SQLiteClaimStore:
     # -- the statements ------------------------------------------------------------------------
 
     def _claims(self, conn: sqlite3.Connection, claims: Flat) -> list[bool]:
-        """Run ``claims`` (flat, inside a transaction): whether each was won."""
+        """Run ``claims`` (flat, inside a transaction): whether each was won; the won ones
+        noted as their task's last claim."""
+        won, noted = self._claims_unnoted(conn, claims)
+        if noted:
+            conn.executemany(self._note_claim_sql, noted)
+        return won
+
+    def _claims_unnoted(
+        self, conn: sqlite3.Connection, claims: Flat
+    ) -> tuple[list[bool], list[tuple[str, int, float, str]]]:
+        """Run ``claims`` (flat, inside a transaction): whether each was won, and the notes
+        of the won ones, for `_note_claim_sql`."""
         now = time.time()
         who = owner()
         execute, sql = conn.execute, self._claim_sql
@@ -332,9 +368,7 @@ class SQLiteClaimStore:
                 won.append(True)
             else:
                 won.append(False)
-        if noted:
-            conn.executemany(self._note_claim_sql, noted)
-        return won
+        return won, noted
 
     def _newest(self, conn: sqlite3.Connection, claim: Flat) -> bool:
         """A claim that also loses if a tick as new as its own was ever claimed."""
@@ -353,9 +387,12 @@ class SQLiteClaimStore:
                 conn.executemany(self._note_run_sql[ok], zip(*[values] * 6, strict=True))
 
     def _apply(self, conn: sqlite3.Connection, writes: _Writes) -> Outcome:
-        """Everything ``writes`` holds (inside a transaction): claims, operations, records."""
+        """Everything ``writes`` holds (inside a transaction): claims, operations, notes of
+        claims made before, records."""
         won = self._claims(conn, writes.claims) if writes.claims else []
         done = [op(conn, *args) for op, args, _ in writes.jobs]
+        if writes.notes:
+            conn.executemany(self._note_claim_sql, writes.notes)
         if writes.successes or writes.failures:
             self._records(conn, writes.successes, writes.failures)
         return won, done
@@ -365,7 +402,13 @@ class SQLiteClaimStore:
 
     def _lost(self, writes: list[_Writes], error: BaseException) -> None:
         """Queued run records whose transaction failed: nobody waits for them, so say so."""
-        tasks = sorted({name for w in writes for name in (*w.successes[::6], *w.failures[::6])})
+        tasks = sorted(
+            {
+                name
+                for w in writes
+                for name in (*w.successes[::6], *w.failures[::6], *(n[0] for n in w.notes))
+            }
+        )
         if tasks:
             shown = ", ".join(tasks[:5]) + (f" and {len(tasks) - 5} more" if len(tasks) > 5 else "")
             log.warning(
@@ -631,7 +674,7 @@ class _Writes:
     have none (`SQLiteClaimStore.record_run` does not wait).
     """
 
-    __slots__ = ("claims", "failures", "futures", "jobs", "loop", "successes")
+    __slots__ = ("claims", "failures", "futures", "jobs", "loop", "notes", "successes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -640,6 +683,7 @@ class _Writes:
         self.jobs: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
         self.successes: Flat = []  # run records, 6 values each
         self.failures: Flat = []
+        self.notes: list[tuple[str, int, float, str]] = []  # claims won before (claim_many)
 
     def add_claim(
         self, task: str, tick: int, seconds: float, deadline: float | None

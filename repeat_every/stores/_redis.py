@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._common import (
@@ -69,6 +70,38 @@ end
 redis.call('SADD', KEYS[2], ARGV[7])
 return 1
 """
+
+
+Checked = tuple[str, int, float, float | None]
+"""A ``claim_many`` item once checked: task, tick, ttl in seconds, deadline (or ``None``)."""
+
+
+def check_claims(claims: object) -> list[Checked]:
+    """The items of a ``claim_many`` call, each checked as ``claim`` checks its arguments.
+
+    Refuses a malformed item with the error ``claim`` would raise, its message prefixed by the
+    item's place (``claims[3]: ttl must be finite and > 0 seconds, got 0``), before any item
+    reaches a store. (Shared by the Redis and PostgreSQL stores; its place is beside
+    ``check_claim`` in ``_common.py``.)
+    """
+    if isinstance(claims, (str, bytes)) or not isinstance(claims, Sequence):
+        raise TypeError(
+            "claims must be a list of (task, tick, ttl, deadline) tuples, got "
+            f"{type(claims).__name__}"
+        )
+    items: list[Checked] = []
+    for i, item in enumerate(claims):
+        if not isinstance(item, (tuple, list)) or len(item) != 4:
+            raise TypeError(
+                f"claims[{i}] must be a (task, tick, ttl, deadline) tuple, got {item!r:.200}"
+            )
+        task, tick, ttl, deadline = item
+        try:
+            seconds = check_claim(task, tick, ttl, deadline)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"claims[{i}]: {exc}") from None
+        items.append((task, tick, seconds, None if deadline is None else float(deadline)))
+    return items
 
 
 class RedisClaimStore:
@@ -193,6 +226,26 @@ class RedisClaimStore:
         keys = (f"{self._prefix}{task}:{tick}", self._status_key(task), self._status_prefix)
         return bool(await within(self._timeout, script(keys=keys, args=args, client=client)))
 
+    async def claim_many(self, claims: Sequence[tuple[str, int, float, float]]) -> list[bool]:
+        """Claim several ticks in one round trip: each ``(task, tick, ttl, deadline)`` as
+        ``claim(task, tick, ttl, deadline=deadline)`` would claim it; whether each was won, in
+        order.
+
+        One pipeline of the claim's script (``EVALSHA`` each, not a transaction): the server
+        runs the claims one after the other, in order, each atomic, so the winner rules,
+        the run records and a ``(task, tick)`` given twice (the second loses unless the first
+        lost for its own deadline) are those of as many ``claim`` calls. Every item is checked
+        before anything is sent (the same errors as ``claim``, naming the item: ``claims[3]:
+        ttl must be…``); ``[]`` sends nothing. The whole call takes at most ``timeout``
+        seconds and raises what ``claim`` raises when the server cannot be used. Another
+        caller's claims may run between two of this call's claims: none of them is held back
+        for the others.
+        """
+        items = check_claims(claims)
+        if not items:
+            return []
+        return await within(self._timeout, self._claim_many(items))
+
     async def record_run(
         self,
         task: str,
@@ -269,6 +322,54 @@ class RedisClaimStore:
         # Never the password: reprs end up in logs and error pages.
         target = repr(redact_url(self._url)) if self._url is not None else "client=…"
         return f"{type(self).__name__}({target}, prefix={self._prefix!r})"
+
+    async def _claim_many(self, items: list[Checked]) -> list[bool]:
+        from redis.exceptions import NoScriptError, ResponseError
+
+        client = await self._client()
+        sha = self._script(client, _CLAIM).sha
+        worker, now = owner(), repr(time.time())
+        commands = [
+            (
+                3,
+                f"{self._prefix}{task}:{tick}",
+                self._status_key(task),
+                self._status_prefix,
+                worker,
+                max(1, math.ceil(ttl * 1000)),
+                "" if deadline is None else repr(math.floor(deadline * 1000)),
+                tick,
+                now,
+                task,
+                "",
+            )
+            for task, tick, ttl, deadline in items
+        ]
+        won = [False] * len(commands)
+        todo = list(range(len(commands)))
+        loaded = False
+        while todo:
+            # EVALSHA straight into the pipeline: redis-py's Script in a pipeline would first
+            # ask SCRIPT EXISTS, a second round trip on every call. A server that lost its
+            # scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT without running the claim:
+            # load it and send those claims again, once.
+            async with client.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    pipe.evalsha(sha, *commands[i])
+                replies = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError) and not loaded:
+                    missing.append(i)
+                elif isinstance(reply, ResponseError):
+                    raise reply
+                else:
+                    won[i] = bool(reply)
+            if missing:
+                await client.script_load(_CLAIM)
+                loaded = True
+            todo = missing
+        return won
 
     def _status_key(self, task: str) -> str:
         return f"{self._status_prefix}{task}"

@@ -360,3 +360,24 @@ async def test_redis_claim_many_raises_the_servers_error_as_claim_does(
         with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE") as by_many:
             await store.claim_many([(task("fine"), 1, 60.0, now), (task("broken"), 1, 60.0, now)])
         assert type(by_many.value) is type(by_claim.value)
+
+
+@pytest.mark.servers
+async def test_redis_store_serves_more_concurrent_claims_than_its_pool_has_connections(
+    redis_server: RedisServer, task: Callable[[str], str]
+) -> None:
+    # 1,000 tasks due at one instant without claim_many: 1,000 claims at once, then as many
+    # run records. redis-py's default pool has 100 connections and raised MaxConnectionsError
+    # for the 101st; the store's own pool makes the others wait for a free connection.
+    async with RedisClaimStore(redis_server.url) as store:
+        now = time.time()
+        won = await asyncio.gather(
+            *(store.claim(task(f"job{n}"), 1, 60.0, deadline=now) for n in range(300))
+        )
+        assert won == [True] * 300
+        await asyncio.gather(
+            *(store.record_run(task(f"job{n}"), 1, now, 0.001) for n in range(300))
+        )
+        last = await store.status(task("job299"))
+        assert last.last_success is not None
+        assert last.last_success.tick == 1

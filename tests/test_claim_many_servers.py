@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped,unused-ignore]
 import pytest
 import redis.asyncio
 import redis.exceptions
@@ -67,10 +67,10 @@ class Stores:
         if isinstance(self.server, RedisServer):
             client = redis.asyncio.Redis.from_url(self.server.url)
             try:
-                keys = await client.keys(f"repeat_every:claim:{task}:*")
+                keys: list[bytes] = await client.keys(f"repeat_every:claim:{task}:*")
             finally:
                 await client.aclose()
-            return sorted(int(key.rsplit(b":", 1)[1]) for key in keys)
+            return sorted(int(key.decode().rsplit(":", 1)[1]) for key in keys)
         conn = await asyncpg.connect(self.server.dsn)
         try:
             rows = await conn.fetch(
@@ -132,6 +132,7 @@ async def test_claim_many_answers_what_the_same_claims_one_by_one_answer(
             (name, 5, 1.0, now - 10),  # too late...
             (name, 5, 60.0, now),  # ...so this later item of the same tick wins it
             (name + "-other", 1, 60.0, now),  # another task in the same call: won
+            (name, 6, 60.0, None),  # type: ignore[list-item]  # no deadline, as claim allows
         ]
 
     for name in (task("one-by-one"), task("batch")):
@@ -145,9 +146,9 @@ async def test_claim_many_answers_what_the_same_claims_one_by_one_answer(
     ]
     batch = await store.claim_many(mix(task("batch")))
 
-    assert batch == one_by_one == [True, False, True, False, False, False, True, True]
-    assert await stores.claimed_ticks(task("batch")) == [1, 2, 3, 5]
-    assert await stores.claimed_ticks(task("one-by-one")) == [1, 2, 3, 5]
+    assert batch == one_by_one == [True, False, True, False, False, False, True, True, True]
+    assert await stores.claimed_ticks(task("batch")) == [1, 2, 3, 5, 6]
+    assert await stores.claimed_ticks(task("one-by-one")) == [1, 2, 3, 5, 6]
     # A tick won by claim_many is lost to every later claim, batched or not, and vice versa.
     assert await other.claim(task("batch"), 1, 60.0) is False
     assert await other.claim_many([(task("batch"), 1, 60.0, now)]) == [False]
@@ -165,17 +166,20 @@ async def test_two_concurrent_claim_many_of_the_same_500_ticks_win_each_tick_onc
     for store in (first, second, single):  # connected before the race
         await store.claim(task("warm"), 0, 60.0)
 
-    a, b, *singles = await asyncio.gather(
-        first.claim_many([(name, tick, 60.0, now) for tick in ticks]),
-        second.claim_many([(name, tick, 60.0, now) for tick in shuffled]),
-        *(single.claim(name, tick, 60.0, deadline=now) for tick in ticks[::50]),
+    alone = ticks[::50]  # also claimed one by one, by a third worker, during the race
+    batches = [
+        asyncio.ensure_future(first.claim_many([(name, tick, 60.0, now) for tick in ticks])),
+        asyncio.ensure_future(second.claim_many([(name, tick, 60.0, now) for tick in shuffled])),
+    ]
+    singles = await asyncio.gather(
+        *(single.claim(name, tick, 60.0, deadline=now) for tick in alone)
     )
+    a, b = await asyncio.gather(*batches)
 
     wins = dict.fromkeys(ticks, 0)
-    for tick, won in [*zip(ticks, a, strict=True), *zip(shuffled, b, strict=True)]:
-        wins[tick] += won
-    for tick, won in zip(ticks[::50], singles, strict=True):
-        wins[tick] += won
+    for order, won in ((ticks, a), (shuffled, b), (alone, singles)):
+        for tick, one in zip(order, won, strict=True):
+            wins[tick] += one
     assert set(wins.values()) == {1}, {t: n for t, n in wins.items() if n != 1}
     assert await stores.claimed_ticks(name) == ticks
 

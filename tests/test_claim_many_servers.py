@@ -67,10 +67,11 @@ class Stores:
         if isinstance(self.server, RedisServer):
             client = redis.asyncio.Redis.from_url(self.server.url)
             try:
-                keys: list[bytes] = await client.keys(f"repeat_every:claim:{task}:*")
+                keys = await client.keys(f"repeat_every:claim:{task}:*")
             finally:
                 await client.aclose()
-            return sorted(int(key.decode().rsplit(":", 1)[1]) for key in keys)
+            names = (key.decode() if isinstance(key, bytes) else key for key in keys)
+            return sorted(int(name.rsplit(":", 1)[1]) for name in names)
         conn = await asyncpg.connect(self.server.dsn)
         try:
             rows = await conn.fetch(

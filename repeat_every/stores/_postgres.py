@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._common import (
@@ -22,6 +23,7 @@ from ._common import (
     status_from_row,
     within,
 )
+from ._redis import check_claims
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -131,6 +133,34 @@ class PostgresClaimStore:
             "WHERE s.claimed_tick IS NULL OR s.claimed_tick <= excluded.claimed_tick) "
             "SELECT count(*) FROM won"
         )
+        # Many claims in one statement, from arrays (six parameters, whatever their number):
+        # $1..$4 the tasks, ticks, ttls and deadlines (NULL: none), $5 the owner, $6 the
+        # claimer's wall clock. ON CONFLICT DO UPDATE cannot touch a row twice in one
+        # statement, so `chosen` keeps one item per (task, tick): the first that is not too
+        # late, as sequential claims would have it (a later duplicate loses to it or to the
+        # claim that beats it). Rows are written in (task, tick) order so that two batches
+        # over the same ticks queue behind each other instead of deadlocking; `noted` writes
+        # each task's highest won tick, as that task's sequential claims would leave it.
+        self._claim_many_sql = (
+            "WITH req AS (SELECT r.task, r.tick, r.i, CASE WHEN r.deadline IS NULL "
+            "THEN clock_timestamp() + make_interval(secs => r.ttl) "
+            "ELSE to_timestamp(r.deadline + r.ttl) END AS at "
+            "FROM unnest($1::text[], $2::int8[], $3::float8[], $4::float8[]) "
+            "WITH ORDINALITY AS r(task, tick, ttl, deadline, i)), "
+            "chosen AS (SELECT DISTINCT ON (task, tick) task, tick, i, at FROM req "
+            "WHERE at > clock_timestamp() ORDER BY task, tick, i), "
+            f"won AS (INSERT INTO {t} AS c (task, tick, owner, expires_at) "
+            "SELECT task, tick, $5, at FROM chosen ORDER BY task, tick "
+            "ON CONFLICT (task, tick) DO UPDATE "
+            "SET owner = excluded.owner, expires_at = excluded.expires_at "
+            "WHERE c.expires_at <= clock_timestamp() RETURNING c.task, c.tick), "
+            f"noted AS (INSERT INTO {n} AS s (task, claimed_tick, claimed_at, claimed_by) "
+            "SELECT task, max(tick), to_timestamp($6), $5 FROM won GROUP BY task ORDER BY task "
+            "ON CONFLICT (task) DO UPDATE SET claimed_tick = excluded.claimed_tick, "
+            "claimed_at = excluded.claimed_at, claimed_by = excluded.claimed_by "
+            "WHERE s.claimed_tick IS NULL OR s.claimed_tick <= excluded.claimed_tick) "
+            "SELECT chosen.i FROM chosen JOIN won USING (task, tick)"
+        )
         self._cleanup_sql = f"DELETE FROM {t} WHERE expires_at <= clock_timestamp()"
         self._record_sql = {
             ok: f"INSERT INTO {n} AS s (task, {p}_tick, {p}_at, {p}_by, {p}_duration, {p}_error) "
@@ -180,6 +210,34 @@ class PostgresClaimStore:
         if time.monotonic() - self._last_cleanup >= self._cleanup_interval:
             await self._cleanup()
         return bool(won)
+
+    async def claim_many(self, claims: Sequence[tuple[str, int, float, float]]) -> list[bool]:
+        """Claim several ticks in one round trip: each ``(task, tick, ttl, deadline)`` as
+        ``claim(task, tick, ttl, deadline=deadline)`` would claim it; whether each was won, in
+        order.
+
+        One statement (the items sent as arrays, so any number fits), one transaction: the
+        winner rules and the run records are those of as many ``claim`` calls, and a
+        ``(task, tick)`` given twice is won at most once, by the first item that is not too
+        late for its deadline. Every item is checked before anything is sent (the same errors
+        as ``claim``, naming the item: ``claims[3]: ttl must be…``); ``[]`` sends nothing. The
+        whole call takes at most ``timeout`` seconds and raises what ``claim`` raises when the
+        database cannot be used. A claim of the batch that waits for another caller's claim of
+        the same row waits for that caller's whole statement.
+        """
+        items = check_claims(claims)
+        if not items:
+            return []
+        tasks, ticks, ttls, deadlines = (list(column) for column in zip(*items, strict=True))
+        rows = await self._fetch(
+            self._claim_many_sql, tasks, ticks, ttls, deadlines, owner(), time.time()
+        )
+        won = [False] * len(items)
+        for (i,) in rows:
+            won[i - 1] = True  # WITH ORDINALITY counts from 1
+        if time.monotonic() - self._last_cleanup >= self._cleanup_interval:
+            await self._cleanup()
+        return won
 
     async def record_run(
         self,

@@ -176,6 +176,37 @@ def check_claim(task: object, tick: object, ttl: object, deadline: object = None
     return seconds
 
 
+Checked = tuple[str, int, float, float | None]
+"""A ``claim_many`` item once checked: task, tick, ttl in seconds, deadline (or ``None``)."""
+
+
+def check_claims(claims: object) -> list[Checked]:
+    """The items of a ``claim_many`` call, each checked as ``claim`` checks its arguments.
+
+    Refuses a malformed item with the error ``claim`` would raise, its message prefixed by the
+    item's place (``claims[3]: ttl must be finite and > 0 seconds, got 0``), before any item
+    reaches a store.
+    """
+    if isinstance(claims, (str, bytes)) or not isinstance(claims, Sequence):
+        raise TypeError(
+            "claims must be a list of (task, tick, ttl, deadline) tuples, got "
+            f"{type(claims).__name__}"
+        )
+    items: list[Checked] = []
+    for i, item in enumerate(claims):
+        if not isinstance(item, (tuple, list)) or len(item) != 4:
+            raise TypeError(
+                f"claims[{i}] must be a (task, tick, ttl, deadline) tuple, got {item!r:.200}"
+            )
+        task, tick, ttl, deadline = item
+        try:
+            seconds = check_claim(task, tick, ttl, deadline)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"claims[{i}]: {exc}") from None
+        items.append((task, tick, seconds, None if deadline is None else float(deadline)))
+    return items
+
+
 def check_instant(value: object, argument: str) -> float:
     """A finite wall-clock instant in seconds since the Unix epoch, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -12,6 +12,7 @@ from ._common import (
     PerLoop,
     TaskStatus,
     check_claim,
+    check_claims,
     check_run,
     check_seconds,
     check_table,
@@ -23,7 +24,6 @@ from ._common import (
     status_from_row,
     within,
 )
-from ._redis import check_claims
 
 if TYPE_CHECKING:
     from types import TracebackType

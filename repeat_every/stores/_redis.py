@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._common import (
+    Checked,
     LastClaim,
     LastRun,
     PerLoop,
     TaskStatus,
     check_claim,
+    check_claims,
     check_run,
     check_seconds,
     check_task_name,
@@ -97,38 +99,6 @@ end
 redis.call('SADD', KEYS[2], ARGV[7])
 return 1
 """
-
-
-Checked = tuple[str, int, float, float | None]
-"""A ``claim_many`` item once checked: task, tick, ttl in seconds, deadline (or ``None``)."""
-
-
-def check_claims(claims: object) -> list[Checked]:
-    """The items of a ``claim_many`` call, each checked as ``claim`` checks its arguments.
-
-    Refuses a malformed item with the error ``claim`` would raise, its message prefixed by the
-    item's place (``claims[3]: ttl must be finite and > 0 seconds, got 0``), before any item
-    reaches a store. (Shared by the Redis and PostgreSQL stores; its place is beside
-    ``check_claim`` in ``_common.py``.)
-    """
-    if isinstance(claims, (str, bytes)) or not isinstance(claims, Sequence):
-        raise TypeError(
-            "claims must be a list of (task, tick, ttl, deadline) tuples, got "
-            f"{type(claims).__name__}"
-        )
-    items: list[Checked] = []
-    for i, item in enumerate(claims):
-        if not isinstance(item, (tuple, list)) or len(item) != 4:
-            raise TypeError(
-                f"claims[{i}] must be a (task, tick, ttl, deadline) tuple, got {item!r:.200}"
-            )
-        task, tick, ttl, deadline = item
-        try:
-            seconds = check_claim(task, tick, ttl, deadline)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"claims[{i}]: {exc}") from None
-        items.append((task, tick, seconds, None if deadline is None else float(deadline)))
-    return items
 
 
 class RedisClaimStore:

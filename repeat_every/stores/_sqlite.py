@@ -18,6 +18,7 @@ from ._common import (
     PerLoop,
     TaskStatus,
     check_claim,
+    check_claims,
     check_run,
     check_seconds,
     check_table,
@@ -240,8 +241,8 @@ class SQLiteClaimStore:
         wait for the claims alone. A tick whose claim is live needs no note to stay claimed.
         """
         flat: Flat = []
-        for task, tick, ttl, deadline in claims:
-            flat += (task, tick, check_claim(task, tick, ttl, deadline), deadline)
+        for item in check_claims(claims):
+            flat += item
         if not flat:
             return []
         won, noted = await self._write(self._claims_unnoted, flat)

@@ -340,3 +340,37 @@ async def test_sqlite_claim_many_answers_as_claims_one_by_one_would(tmp_path: Pa
         await store.claim_many([("ok", 1, 60.0, now), ("bad", 1, -1.0, now)])
     assert (await store.status("ok")).last_claim is None  # nothing reached the file
     await store.aclose()
+
+
+class DictStore:
+    """A store of one's own, as docs/many-workers.md describes it: claim with a deadline, and
+    claim_many."""
+
+    def __init__(self) -> None:
+        self.claimed: set[tuple[str, int]] = set()
+        self.calls: list[int] = []
+
+    async def claim(self, task: str, tick: int, ttl: float, *, deadline: float) -> bool:
+        return self._one(task, tick)
+
+    async def claim_many(self, claims: Sequence[tuple[str, int, float, float]]) -> list[bool]:
+        self.calls.append(len(claims))
+        return [self._one(task, tick) for task, tick, _, _ in claims]
+
+    def _one(self, task: str, tick: int) -> bool:
+        if (task, tick) in self.claimed:
+            return False
+        self.claimed.add((task, tick))
+        return True
+
+
+async def test_a_store_of_ones_own_with_claim_many_is_called_with_every_due_tick() -> None:
+    store = DictStore()
+    ran: list[tuple[str, float]] = []
+    with FakeClock(start=START) as clock:
+        handles = _jobs(store, 7, ran, clock)
+        await clock.advance(20)
+        for handle in handles:
+            await handle.aclose()
+    assert store.calls == [7, 7]
+    assert len(ran) == 7 * 3

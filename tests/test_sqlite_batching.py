@@ -193,6 +193,21 @@ async def test_a_run_record_that_opens_the_file_is_written_before_record_run_ret
     assert rows == [(1,)]
 
 
+async def test_a_run_record_that_cannot_open_the_file_is_raised_once_not_also_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SQLiteClaimStore(tmp_path / "missing-folder" / "claims.db")
+    with (
+        caplog.at_level(logging.WARNING, logger="repeat_every"),
+        pytest.raises(sqlite3.OperationalError, match="unable to open"),
+    ):
+        await store.record_run("job", 1, time.time(), 0.1)
+    await store.aclose()
+    # Its caller has the error (the task loop logs it once, as "could not write the run
+    # record of tick 1"); the store does not log it a second time as a lost queued record.
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 async def test_a_failing_batch_reaches_the_store_error_policy_of_every_waiting_task(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -295,6 +295,7 @@ class SQLiteClaimStore:
             batch = self._new_batch(file)
             if file.conn is None and not file.busy:  # the file is to be opened: wait for it
                 (batch.successes if ok else batch.failures).extend(row)
+                batch.waited = task  # its failure is raised here, not logged as lost
                 await batch.add_job(_nothing)  # resolved when the batch is written
                 return
         (batch.successes if ok else batch.failures).extend(row)
@@ -402,13 +403,15 @@ class SQLiteClaimStore:
         return [self._apply(conn, writes) for writes in batch]
 
     def _lost(self, writes: list[_Writes], error: BaseException) -> None:
-        """Queued run records whose transaction failed: nobody waits for them, so say so."""
+        """Queued run records whose transaction failed: nobody waits for them, so say so
+        (the record whose caller waits gets the error instead)."""
         tasks = sorted(
             {
                 name
                 for w in writes
                 for name in (*w.successes[::6], *w.failures[::6], *(n[0] for n in w.notes))
             }
+            - {w.waited for w in writes}
         )
         if tasks:
             shown = ", ".join(tasks[:5]) + (f" and {len(tasks) - 5} more" if len(tasks) > 5 else "")
@@ -675,7 +678,7 @@ class _Writes:
     have none (`SQLiteClaimStore.record_run` does not wait).
     """
 
-    __slots__ = ("claims", "failures", "futures", "jobs", "loop", "notes", "successes")
+    __slots__ = ("claims", "failures", "futures", "jobs", "loop", "notes", "successes", "waited")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -685,6 +688,7 @@ class _Writes:
         self.successes: Flat = []  # run records, 6 values each
         self.failures: Flat = []
         self.notes: list[tuple[str, int, float, str]] = []  # claims won before (claim_many)
+        self.waited: str | None = None  # the task whose record's caller waits for the batch
 
     def add_claim(
         self, task: str, tick: int, seconds: float, deadline: float | None

@@ -699,13 +699,18 @@ class Runner:
         return self.replan is not None
 
     def _replanned(self, now: int) -> tuple[Plan, Tick]:
-        """Put the schedule reschedule() gave in effect: its plan, and its first tick."""
+        """Put the schedule reschedule() gave in effect: its plan, and its first tick that
+        is due after the start of the last run (a grid's multiple that is due now, when a run
+        started at that very instant, has had its run)."""
         schedule = self.replan
         assert schedule is not None
         self.replan = None
         self.held = self.paused or self.manual is not None
         plan = schedule.plan(self.clock)
-        return plan, plan.first(now)
+        tick = plan.first(now)
+        if self.last_started is not None and tick.deadline <= self.last_started:
+            tick = plan.after(tick, now)[0]
+        return plan, tick
 
     def _tick_over(self) -> None:
         """The loop is done with its tick (run, or not): wake a run_now() that waits for it."""

@@ -325,10 +325,11 @@ class TaskHandle:
         ``seconds`` for a task of `repeat_every` (it keeps its kind: fixed rate, fixed delay,
         or aligned to the wall clock); ``cron`` and/or ``tz`` for a task of `repeat_at` (the
         one not given is kept). The tick the loop waits for is replaced: the next run comes
-        one new period from now (the next aligned multiple, the next cron fire time); a run
-        in progress finishes first. Checked as the decorator checks them (a ``jitter`` must
-        stay below the new period). Only this loop changes: a later start of the task uses
-        the decorator's schedule. Safe from any thread.
+        one new period from now (the next aligned multiple, the next cron fire time; never
+        one due at or before the start of the last run); a run in progress finishes first.
+        Checked as the decorator checks them (a ``jitter`` must stay below the new period).
+        Only this loop changes: a later start of the task uses the decorator's schedule. Safe
+        from any thread.
         """
         self._runner.reschedule(_rescheduled(self, seconds, cron, tz))
 

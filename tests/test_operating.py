@@ -679,6 +679,26 @@ async def test_reschedule_during_a_run_applies_after_it(fake_clock: FakeClock) -
     await handle.wait()
 
 
+@pytest.mark.fake_clock(start=dt.datetime(2030, 1, 7, 8, 0, tzinfo=dt.timezone.utc))
+async def test_reschedule_at_the_instant_of_a_run_does_not_run_that_instant_again(
+    fake_clock: FakeClock,
+) -> None:
+    # The aligned task ran at 60; rescheduled to a 30 s grid at that same instant, the grid's
+    # multiple 60 is due now, but it has had its run: the next run is at 90.
+    ran: list[float] = []
+
+    @repeat_every(seconds=60, align=True, name="sync")
+    async def sync() -> None:
+        ran.append(fake_clock.now)
+
+    handle = sync()
+    await fake_clock.advance(60)
+    handle.reschedule(seconds=30)
+    await fake_clock.advance(60)
+    assert ran == [0.0, 60.0, 90.0, 120.0]
+    await handle.aclose()
+
+
 class DeadlineStore:
     """A claim store that wins every claim and keeps the deadlines it was given."""
 
@@ -704,7 +724,7 @@ async def test_a_rescheduled_task_claims_with_its_new_schedules_deadlines(
         pass
 
     handle = sync()
-    await fake_clock.advance(65)
+    await fake_clock.advance(60)
     handle.reschedule(seconds=30)
     await fake_clock.advance(60)
     start = dt.datetime(2030, 1, 7, 8, 0, tzinfo=dt.timezone.utc).timestamp()

@@ -109,6 +109,7 @@ class Runner:
         "periodic",
         "preclaim",
         "replan",
+        "resumed_wall",
         "retries",
         "runs",
         "schedule",
@@ -146,6 +147,7 @@ class Runner:
         self.consecutive_failures = 0  # failed runs since the last successful one
         self.paused = False
         self.paused_ticks = 0
+        self.resumed_wall: float | None = None  # wall clock of the last resume() of a pause
         # Controls (see the methods that set them): ``held`` is true while the loop must not
         # start a tick's run (paused, or a run_now() run in progress: ``manual``); ``in_tick``
         # from the moment the loop takes a due tick until it waits for the next one.
@@ -273,6 +275,8 @@ class Runner:
             self.task.cancel()
 
     def pause(self, paused: bool) -> None:
+        if self.paused and not paused:
+            self.resumed_wall = self.clock.wall()
         self.paused = paused
         self.held = paused or self.manual is not None or self.replan is not None
 

@@ -558,9 +558,16 @@ class _View:
             return verdict(True, "ok: its schedule had no two ticks in the last 5 years")
         since = _utc(since_ns)
         grace = _utc(round(handle._start_wall * NS) + _first_delay(handle.task.schedule))
+        resumed = handle._runner.resumed_wall  # the ticks of a pause are not failures
+        if resumed is not None and _utc(round(resumed * NS)) > grace:
+            grace = _utc(round(resumed * NS))
         if latest is not None and latest >= since:
             return verdict(True, f"ok: last success at {latest.isoformat()} {where}", since)
         if grace >= since:
+            if resumed is not None and grace == _utc(round(resumed * NS)):
+                return verdict(
+                    True, f"ok: resumed at {grace.isoformat()}; its grace runs from then", since
+                )
             return verdict(
                 True, f"ok: no success yet; its grace runs from {grace.isoformat()}", since
             )

@@ -272,6 +272,37 @@ def test_a_task_that_never_succeeded_is_healthy_during_its_grace_from_start(
     )
 
 
+def test_a_task_resumed_after_a_long_pause_is_healthy_for_its_grace_from_the_resume(
+    clock: FakeClock,
+) -> None:
+    failing = False
+
+    @repeat_every(seconds=10 * MINUTE, timeout=30, name="sync")
+    async def sync() -> None:
+        if failing:
+            raise Boom("down")
+
+    with TestClient(serve(sync)) as client:
+        handle = sync.handle
+        assert handle is not None
+        clock.advance_blocking(MINUTE)
+        handle.pause()
+        clock.advance_blocking(5 * HOUR)  # far longer than two periods and their budget
+        handle.resume()
+        failing = True
+        resumed = client.get("/health/tasks").json()["tasks"][0]
+        clock.advance_blocking(20 * MINUTE + 30)  # two failed ticks, the second's budget
+        graced = client.get("/health/tasks").json()["tasks"][0]
+        clock.advance_blocking(1)
+        stale = client.get("/health/tasks").json()["tasks"][0]
+
+    assert resumed["healthy"] is True
+    assert resumed["reason"] == "ok: resumed at 2025-01-08T13:01:00+00:00; its grace runs from then"
+    assert graced["healthy"] is True
+    assert stale["healthy"] is False
+    assert stale["reason"].startswith("stale: last success at 2025-01-08T08:00:00")
+
+
 def test_staleness_replaces_the_rule_by_an_age_per_router_or_per_task(clock: FakeClock) -> None:
     @repeat_every(seconds=HOUR, name="hourly")
     async def hourly() -> None:

@@ -11,6 +11,7 @@ trigger on the run-records table, which fires once per statement that writes it.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 import uuid
@@ -22,8 +23,10 @@ import pytest
 import redis.asyncio
 from servers import PostgresServer, RedisServer, free_port
 
+from repeat_every import repeat_every
 from repeat_every.stores import PostgresClaimStore, RedisClaimStore
 from repeat_every.stores._common import owner
+from repeat_every.testing import FakeClock
 
 Store = RedisClaimStore | PostgresClaimStore
 
@@ -71,7 +74,8 @@ class Server:
                 f"INSERT INTO {self.table}_writes VALUES (0);"
                 f"CREATE FUNCTION {self.table}_count() RETURNS trigger LANGUAGE plpgsql AS "
                 f"$$ BEGIN UPDATE {self.table}_writes SET n = n + 1; RETURN NULL; END $$;"
-                f"CREATE TRIGGER counted AFTER INSERT ON {self.table}_tasks "
+                f"CREATE TRIGGER counted AFTER UPDATE OF ok_tick, failed_tick "
+                f"ON {self.table}_tasks "
                 f"FOR EACH STATEMENT EXECUTE PROCEDURE {self.table}_count();"
             )
         finally:
@@ -234,6 +238,7 @@ async def test_a_task_twice_in_one_batch_keeps_its_newer_success_and_failure(
     store, reader = server.store(), server.store()
     now = time.time()
     await store.record_run(task("kept"), 1, now - 100, 0.1)  # older than the whole batch
+    await store.record_run(task("stays"), 9, now + 100, 0.9, "kept failure")  # newer than it
     records = [
         (task("newer-first"), 5, now, 0.5, None),
         (task("newer-first"), 4, now - 1, 0.4, None),
@@ -246,6 +251,8 @@ async def test_a_task_twice_in_one_batch_keeps_its_newer_success_and_failure(
         (task("same-instant"), 1, now, 0.1, None),
         (task("same-instant"), 2, now, 0.2, None),  # given later: kept, as written in turn
         (task("kept"), 9, now, 0.9, None),
+        (task("stays"), 1, now, 0.1, "older failure"),  # does not replace the kept one...
+        (task("stays"), 2, now, 0.2, None),  # ...while its success, the first, is written
     ]
     first = asyncio.ensure_future(store.record_run(task("warm"), 1, now, 0.1))
     await asyncio.sleep(0)  # under way: every record below joins one batch
@@ -266,6 +273,10 @@ async def test_a_task_twice_in_one_batch_keeps_its_newer_success_and_failure(
     assert (failure.tick, failure.error, failure.duration) == (8, "second failure", 0.8)
     assert success("same-instant") == 2
     assert success("kept") == 9
+    assert success("stays") == 2
+    stays = statuses[task("stays")].last_failure
+    assert stays is not None
+    assert (stays.tick, stays.error) == (9, "kept failure")
 
 
 # -- failures and closing ------------------------------------------------------------------
@@ -350,3 +361,46 @@ async def test_aclose_writes_the_queued_records_first(
     await first
     names = {s.task for s in await reader.statuses() if s.last_success is not None}
     assert {task("first"), *(task(f"job{n}") for n in range(50))} <= names
+
+
+# -- through the task loop -----------------------------------------------------------------
+
+
+async def test_a_hundred_tasks_due_together_send_their_run_records_together(
+    server: Server, task: Callable[[str], str]
+) -> None:
+    store = server.store()
+    await store.record_run(task("warm"), 0, time.time(), 0.0)  # connected, script loaded
+    start = dt.datetime(2031, 3, 4, 5, 6, 0, tzinfo=dt.timezone.utc)
+    with FakeClock(start=start) as clock:
+        handles = []
+        for n in range(100):
+
+            def make(name: str) -> Any:
+                @repeat_every(seconds=10, store=store, name=name)
+                async def job() -> None:
+                    pass
+
+                return job
+
+            handles.append(make(task(f"job{n:03}"))())
+        # At 0 s each task, just started, claims and records on its own; from the next
+        # instant on, they claim together (claim_many), run, and record together.
+        await clock.advance(5)
+        await server.start_counting()
+        await clock.advance(20)  # two instants: 10 s and 20 s
+        for handle in handles:
+            await handle.aclose()
+    statuses = {s.task: s for s in await store.statuses()}
+    writes = await server.writes()
+
+    last_tick = int((start.timestamp() + 20) // 10)
+    for n in range(100):
+        success = statuses[task(f"job{n:03}")].last_success
+        assert success is not None
+        assert success.tick == last_tick
+        assert success.started_at == start + dt.timedelta(seconds=20)
+    # 200 records (and two claim_many calls, which Redis counts too) were 200 writes and
+    # more; now the records of each turn of the event loop share one: the first record of
+    # an instant goes alone, the others in the few turns in which the runs end.
+    assert writes <= 20

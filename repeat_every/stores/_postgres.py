@@ -186,6 +186,17 @@ class PostgresClaimStore:
         )
         self._cleanup_sql = f"DELETE FROM {t} WHERE expires_at <= clock_timestamp()"
 
+        # One run record (the lone one, waited for): ~90 µs less for the server than the
+        # statement over arrays below.
+        self._record_sql = {
+            ok: f"INSERT INTO {n} AS s (task, {p}_tick, {p}_at, {p}_by, {p}_duration, {p}_error) "
+            "VALUES ($1, $2, to_timestamp($3), $4, $5, $6) ON CONFLICT (task) DO UPDATE SET "
+            f"{p}_tick = excluded.{p}_tick, {p}_at = excluded.{p}_at, "
+            f"{p}_by = excluded.{p}_by, {p}_duration = excluded.{p}_duration, "
+            f"{p}_error = excluded.{p}_error "
+            f"WHERE s.{p}_at IS NULL OR s.{p}_at <= excluded.{p}_at"
+            for ok, p in ((True, "ok"), (False, "failed"))
+        }
         # Run records in one statement, from arrays (seven parameters, whatever their number):
         # $1..$7 each record's task, tick, start (Unix s), worker, duration, error text, and
         # whether it is a success. ON CONFLICT DO UPDATE cannot touch a row twice in one
@@ -352,10 +363,13 @@ class PostgresClaimStore:
 
     async def _record_many(self, rows: list[Row]) -> None:
         """Write run records in one statement (`RecordQueue`'s ``write``)."""
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        columns.append([row[5] is None for row in rows])
+        if len(rows) == 1:
+            sql, args = self._record_sql[rows[0][5] is None], rows[0]
+        else:
+            columns: list[Any] = [list(column) for column in zip(*rows, strict=True)]
+            sql, args = self._record_many_sql, (*columns, [row[5] is None for row in rows])
         try:
-            await self._run("execute", self._record_many_sql, tuple(columns))
+            await self._run("execute", sql, args)
         except Exception:
             await self._discard()
             raise

@@ -374,14 +374,15 @@ class RedisClaimStore:
 
     async def _record_many(self, rows: list[Row]) -> None:
         """Write run records in one round trip (`RecordQueue`'s ``write``), in order: a
-        script that writes them one after the other, 200 per call, the calls in one pipeline.
+        script that writes them one after the other, 200 per call, the calls in one pipeline
+        (a lone record: the script called directly, no pipeline to set up).
         """
         client = await self._client()
-        calls: list[tuple[Any, ...]] = []
+        calls: list[tuple[list[str], list[str | int]]] = []  # keys and arguments, per call
         for start in range(0, len(rows), _RECORD_CHUNK):
-            chunk = rows[start : start + _RECORD_CHUNK]
             keys: list[str] = [self._status_prefix]
             args: list[str | int] = []
+            chunk = rows[start : start + _RECORD_CHUNK]
             for task, tick, started_at, worker, duration, text in chunk:
                 keys.append(self._status_key(task))
                 args += (
@@ -393,8 +394,14 @@ class RedisClaimStore:
                     text or "",
                     task,
                 )
-            calls.append((len(keys), *keys, *args))
-        await self._scripted(client, _RECORD_MANY, calls)
+            calls.append((keys, args))
+        if len(rows) == 1:
+            script = self._script(client, _RECORD_MANY)
+            await script(keys=calls[0][0], args=calls[0][1], client=client)
+            return
+        await self._scripted(
+            client, _RECORD_MANY, [(len(keys), *keys, *args) for keys, args in calls]
+        )
 
     async def _scripted(
         self, client: Redis, source: str, calls: list[tuple[Any, ...]]

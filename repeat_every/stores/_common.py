@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import importlib
+import logging
 import math
 import os
 import re
@@ -434,3 +435,119 @@ class _Slot(Generic[T]):
         self.value: T | None = None
         self.guard: AsyncGenerator[None, None] | None = None
         self.abandoned = False
+
+
+# -- run records written together (the Redis and PostgreSQL stores) -----------------------
+
+Row = tuple[str, int, float, str, float, "str | None"]
+"""A checked run record: task, tick, started at (Unix s), worker, duration (s), error text
+(``None`` for a success)."""
+
+_log = logging.getLogger("repeat_every")
+
+
+class RecordQueue:
+    """A network store's run records, sent together: one round trip for the records that many
+    tasks give during one turn of the event loop.
+
+    What a store using it may promise (`add` is its ``record_run``):
+
+    - **A lone record is waited for.** A record given while nothing of this event loop is
+      queued or being sent goes at once, and its caller waits for it (within ``timeout``):
+      a task alone at its instant still learns that its record failed.
+    - **Others are queued, and not waited for.** A record given while another one is being
+      sent or queued joins the queue and `add` returns at once; the queue goes to the server
+      in one ``write`` call at the end of the current turn of the event loop (so the thousand
+      tasks ending at one instant cost one or two round trips, not a thousand). A queued
+      record whose write fails is logged at WARNING, naming its tasks (never raised into a
+      task that did not wait for it).
+    - **Readers see them.** `flush` sends what is queued and waits for every write of this
+      event loop still under way (each bounded by ``timeout``): the store calls it before a
+      read and before closing.
+    - **Per event loop**, as the stores' clients: each loop (in each process) has its own
+      queue.
+
+    ``write(rows)`` sends rows (in the order given; a task may appear more than once) in one
+    round trip; ``where`` names the store in log lines (no secret).
+    """
+
+    def __init__(
+        self, write: Callable[[list[Row]], Awaitable[None]], timeout: float, where: str
+    ) -> None:
+        self._write = write
+        self._timeout = timeout
+        self._where = where
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queued] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def add(self, row: Row) -> None:
+        """Send ``row`` now and wait for it, or queue it (see the class's docstring)."""
+        queued = self._queued()
+        if queued.rows is None and not queued.sending:
+            sent = queued.loop.create_future()  # what a flush meanwhile waits for
+            queued.sending.add(sent)
+            try:
+                await within(self._timeout, self._write([row]))
+            finally:
+                queued.sending.discard(sent)
+                sent.set_result(None)
+            return
+        if queued.rows is None:
+            queued.rows = []
+            queued.loop.call_soon(self._start, queued)
+        queued.rows.append(row)
+
+    async def flush(self) -> None:
+        """Send what this event loop queued; wait for its writes under way to end."""
+        loop = asyncio.get_running_loop()
+        queued = self._loops.get(loop)
+        if queued is None or queued.pid != os.getpid():
+            return
+        self._start(queued)
+        if queued.sending:
+            await asyncio.wait(set(queued.sending))  # not cancelled if this caller is
+
+    def _queued(self) -> _Queued:
+        loop = asyncio.get_running_loop()
+        queued = self._loops.get(loop)
+        if queued is None or queued.pid != os.getpid():
+            queued = self._loops[loop] = _Queued(loop)
+        return queued
+
+    def _start(self, queued: _Queued) -> None:
+        """At the end of the turn (or at a flush): the queued rows go, in one write."""
+        rows, queued.rows = queued.rows, None
+        if rows:
+            sending = queued.loop.create_task(self._send(rows))
+            queued.sending.add(sending)  # (the loop itself keeps only a weak reference)
+            sending.add_done_callback(queued.sending.discard)
+
+    async def _send(self, rows: list[Row]) -> None:
+        """Write queued rows; nobody waits for them, so a failure is logged here."""
+        try:
+            await within(self._timeout, self._write(rows))
+        except Exception as exc:
+            tasks = sorted({row[0] for row in rows})
+            shown = ", ".join(tasks[:5]) + (f" and {len(tasks) - 5} more" if len(tasks) > 5 else "")
+            _log.warning(
+                "could not write the run records of %s to %s: %s",
+                shown,
+                self._where,
+                error_text(exc),
+                exc_info=exc,
+            )
+
+
+class _Queued:
+    """One event loop's queue of a `RecordQueue`: ``rows`` queued during this turn (``None``:
+    none, and no write planned), ``sending`` the writes under way (the waited-for record's
+    future, the queued rows' tasks), each done when its write ends."""
+
+    __slots__ = ("loop", "pid", "rows", "sending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pid = os.getpid()
+        self.rows: list[Row] | None = None
+        self.sending: set[asyncio.Future[None]] = set()

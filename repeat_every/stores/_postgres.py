@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from ._common import (
     STATUS_COLUMNS,
     PerLoop,
+    RecordQueue,
+    Row,
     TaskStatus,
     check_claim,
     check_claims,
@@ -29,6 +31,15 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 log = logging.getLogger("repeat_every")
+
+_RUN_FIELDS = ("tick", "at", "by", "duration", "error")  # of a run record: <ok|failed>_<field>
+
+
+def _newer(p: str, field: str) -> str:
+    """``SET`` of a run record's column: the batch's value if its record (success ``p="ok"``
+    or failure ``p="failed"``) is there and not older than the kept one, else the kept one."""
+    newer = f"excluded.{p}_at IS NOT NULL AND (s.{p}_at IS NULL OR s.{p}_at <= excluded.{p}_at)"
+    return f"{p}_{field} = CASE WHEN {newer} THEN excluded.{p}_{field} ELSE s.{p}_{field} END"
 
 
 class PostgresClaimStore:
@@ -53,6 +64,18 @@ class PostgresClaimStore:
     - **Run records.** A won claim also notes the task's last claimed tick, in the same
       statement; `record_run` notes its last success or failure; `status` and
       `statuses` read them (table ``<table>_tasks``, one row per task, never expired).
+    - **Run records are sent together, and waited for only alone.** A `record_run` given
+      while no other record of this event loop is queued or on its way is sent at once, and
+      its caller waits for it (so a task alone at its instant learns that its record failed).
+      Any other is queued and `record_run` returns at once: the records queued during one
+      turn of the event loop (the thousand tasks ending at one instant) go to the database
+      together at the end of that turn, in one round trip, within ``timeout``. Of the same
+      task's records, the one that started last is kept, queued or not. `status`,
+      `statuses` and `aclose` write the queued records first, so they always see them. A
+      queued record whose write fails is logged at WARNING (``could not write the run
+      records of …``, naming the tasks) and dropped, as the task loop does when `record_run`
+      raises. Records still queued or on their way when the event loop ends without
+      `aclose` may be lost.
     - **The tables are made for you.** ``table`` and ``<table>_tasks`` are created if missing,
       on the first claim, under an advisory lock so that many workers starting at once do
       not trip over each other. The claims' columns: ``task text``, ``tick bigint`` (primary
@@ -162,6 +185,9 @@ class PostgresClaimStore:
             "SELECT chosen.i FROM chosen JOIN won USING (task, tick)"
         )
         self._cleanup_sql = f"DELETE FROM {t} WHERE expires_at <= clock_timestamp()"
+
+        # One run record (the lone one, waited for): ~90 µs less for the server than the
+        # statement over arrays below.
         self._record_sql = {
             ok: f"INSERT INTO {n} AS s (task, {p}_tick, {p}_at, {p}_by, {p}_duration, {p}_error) "
             "VALUES ($1, $2, to_timestamp($3), $4, $5, $6) ON CONFLICT (task) DO UPDATE SET "
@@ -171,10 +197,33 @@ class PostgresClaimStore:
             f"WHERE s.{p}_at IS NULL OR s.{p}_at <= excluded.{p}_at"
             for ok, p in ((True, "ok"), (False, "failed"))
         }
+        # Run records in one statement, from arrays (seven parameters, whatever their number):
+        # $1..$7 each record's task, tick, start (Unix s), worker, duration, error text, and
+        # whether it is a success. ON CONFLICT DO UPDATE cannot touch a row twice in one
+        # statement, so each task gets one row: its newest success and its newest failure of
+        # the batch (the later one of two that started at the same instant, as sequential
+        # writes would keep), each replacing the kept one only if not older than it.
+        self._record_many_sql = (
+            "WITH r AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::float8[], $4::text[], "
+            "$5::float8[], $6::text[], $7::bool[]) "
+            "WITH ORDINALITY AS r(task, tick, started, worker, duration, error, ok, i)), "
+            "o AS (SELECT DISTINCT ON (task) * FROM r WHERE ok "
+            "ORDER BY task, started DESC, i DESC), "
+            "f AS (SELECT DISTINCT ON (task) * FROM r WHERE NOT ok "
+            "ORDER BY task, started DESC, i DESC) "
+            f"INSERT INTO {n} AS s (task, "
+            + ", ".join(f"{p}_{c}" for p in ("ok", "failed") for c in _RUN_FIELDS)
+            + ") SELECT task, o.tick, to_timestamp(o.started), o.worker, o.duration, o.error, "
+            "f.tick, to_timestamp(f.started), f.worker, f.duration, f.error "
+            "FROM o FULL JOIN f USING (task) ORDER BY task "
+            "ON CONFLICT (task) DO UPDATE SET "
+            + ", ".join(_newer(p, c) for p in ("ok", "failed") for c in _RUN_FIELDS)
+        )
         columns = ", ".join(
             f"extract(epoch FROM {c})::float8" if c.endswith("_at") else c for c in STATUS_COLUMNS
         )
         self._status_sql = f"SELECT {columns} FROM {n}"
+        self._records = RecordQueue(self._record_many, self._timeout, repr(self))
 
     @property
     def table(self) -> str:
@@ -255,29 +304,43 @@ class PostgresClaimStore:
         ``started_at``: when it started (seconds since the Unix epoch); ``duration``: seconds
         it took; ``worker``: who ran it (default: ``host:pid`` of the caller). A record older
         than the one kept (by ``started_at``) does not replace it.
+
+        Sent at once and waited for when it is the only record of this event loop under way;
+        else queued and not waited for: the records queued during one turn of the event loop
+        go to the database together at its end (see "Run records are sent together" in the
+        class's docstring). Raises asyncpg's error for a record waited for; a queued record
+        that cannot be written is logged.
         """
         check_run(task, tick, started_at, duration)
         text = error_text(error)
-        row = (task, tick, float(started_at), worker or owner(), float(duration), text)
-        await self._fetchval(self._record_sql[text is None], *row)
+        await self._records.add(
+            (task, tick, float(started_at), worker or owner(), float(duration), text)
+        )
 
     async def status(self, task: str) -> TaskStatus:
-        """What the store remembers of ``task`` (all ``None`` for a task it never saw)."""
+        """What the store remembers of ``task`` (all ``None`` for a task it never saw).
+
+        Sees every run record this store was given in this event loop, queued ones included.
+        """
         check_task_name(task)
+        await self._records.flush()
         rows = await self._fetch(f"{self._status_sql} WHERE task = $1", task)
         return status_from_row(rows[0]) if rows else TaskStatus(task)
 
     async def statuses(self) -> list[TaskStatus]:
-        """What the store remembers of every task, by name."""
+        """What the store remembers of every task, by name (queued run records included)."""
+        await self._records.flush()
         rows = await self._fetch(f"{self._status_sql} ORDER BY task")
         return [status_from_row(row) for row in rows]
 
     async def aclose(self) -> None:
-        """Close the pool the store made (not a given one); a later claim makes a new one.
+        """Write the run records still queued, then close the pool the store made (not a given
+        one); a later claim makes a new one.
 
         Closes the pool of the running event loop; the store's pools in other loops are
         closed when their loops end.
         """
+        await self._records.flush()
         await self._own.aclose()
 
     async def __aenter__(self) -> PostgresClaimStore:
@@ -297,6 +360,19 @@ class PostgresClaimStore:
         return f"{type(self).__name__}({target}, table={self._table!r})"
 
     # -- internals ----------------------------------------------------------------------------
+
+    async def _record_many(self, rows: list[Row]) -> None:
+        """Write run records in one statement (`RecordQueue`'s ``write``)."""
+        if len(rows) == 1:
+            sql, args = self._record_sql[rows[0][5] is None], rows[0]
+        else:
+            columns: list[Any] = [list(column) for column in zip(*rows, strict=True)]
+            sql, args = self._record_many_sql, (*columns, [row[5] is None for row in rows])
+        try:
+            await self._run("execute", sql, args)
+        except Exception:
+            await self._discard()
+            raise
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:

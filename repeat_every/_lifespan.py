@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from ._durations import NS, Seconds, duration_ns
+from ._realtime import real_time
 from ._task import PeriodicTask, TaskHandle, log
 
 App = TypeVar("App")
@@ -108,6 +110,7 @@ async def _run_tasks(
                 await asyncio.wait((done,))
                 raise
             stalled = _failed_closes(handles, results)
+            await _flush_stores(handles)
             if stalled is not None and not body_failed:
                 raise stalled  # a FakeClock's RunStalledError: the test must see it
         for handle in handles:
@@ -118,6 +121,24 @@ async def _run_tasks(
                     handle.exception,
                     extra={"repeat_every_task": handle.name},
                 )
+
+
+async def _flush_stores(handles: list[TaskHandle]) -> None:
+    """Write what the stopped tasks' claim stores still queue (the run records of the last
+    runs), so that the event loop may end right after; a failure is logged, never raised."""
+    stores: dict[int, Any] = {}
+    for handle in handles:
+        store = handle._runner.opts.store
+        if store is not None and inspect.iscoroutinefunction(getattr(store, "flush", None)):
+            stores[id(store)] = store
+    for store in stores.values():
+        try:
+            with real_time():
+                await store.flush()
+        except Exception:
+            log.warning(
+                "shutdown: could not write the run records queued in %r", store, exc_info=True
+            )
 
 
 def _failed_closes(

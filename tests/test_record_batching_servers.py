@@ -23,7 +23,7 @@ import pytest
 import redis.asyncio
 from servers import PostgresServer, RedisServer, free_port
 
-from repeat_every import repeat_every
+from repeat_every import repeat_every, run_tasks
 from repeat_every.stores import PostgresClaimStore, RedisClaimStore
 from repeat_every.stores._common import owner
 from repeat_every.testing import FakeClock
@@ -404,3 +404,37 @@ async def test_a_hundred_tasks_due_together_send_their_run_records_together(
     # more; now the records of each turn of the event loop share one: the first record of
     # an instant goes alone, the others in the few turns in which the runs end.
     assert writes <= 20
+
+
+# -- shutdown --------------------------------------------------------------------------------
+
+
+async def test_run_tasks_writes_the_queued_records_before_its_event_loop_ends(
+    server: Server, task: Callable[[str], str]
+) -> None:
+    # A worker's whole life in another thread's event loop: 50 tasks run once together,
+    # their records are queued behind the first, and the loop ends right after run_tasks
+    # exits (asyncio.run cancels what is left). run_tasks flushes the stores first.
+    names = [task(f"last-{i}") for i in range(50)]
+    start = dt.datetime(2031, 3, 4, 5, 6, tzinfo=dt.timezone.utc)
+
+    def worker() -> None:
+        async def main() -> None:
+            store = server.store()
+
+            def make(name: str) -> Any:
+                @repeat_every(seconds=60, store=store, name=name)
+                async def job() -> None:
+                    pass
+
+                return job
+
+            with FakeClock(start=start) as clock:
+                async with run_tasks(*(make(name) for name in names)):
+                    await clock.advance(0)
+
+        asyncio.run(main())
+
+    await asyncio.to_thread(worker)
+    statuses = {s.task: s for s in await server.store().statuses()}
+    assert [n for n in names if statuses.get(n) is None or statuses[n].last_success is None] == []

@@ -178,6 +178,33 @@ async def test_a_run_record_never_waits_for_another_processs_lock(tmp_path: Path
     assert status.last_success is not None
 
 
+async def test_flush_waits_for_the_records_queued_behind_another_processs_lock(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "claims.db"
+    store = SQLiteClaimStore(path)
+    await store.flush()  # never used: nothing to write, and no file is made
+    assert not path.exists()
+    holder = _holder(path)
+    assert await store.claim("warm-up", 0, 60)
+    holder.execute("BEGIN IMMEDIATE")
+    await asyncio.wait_for(store.record_run("job", 0, time.time(), 0.1), 1)  # queued
+    await asyncio.sleep(0)  # the end of the turn: the record goes to the store's thread
+    flushed = asyncio.ensure_future(store.flush())
+    await asyncio.sleep(0.05)
+    assert not flushed.done()  # the thread waits for the lock, and flush() for the thread
+    holder.execute("ROLLBACK")
+    await asyncio.wait_for(flushed, 5)
+    with sqlite3.connect(path) as reader:  # another process's view: written
+        rows = reader.execute(
+            "SELECT ok_tick FROM repeat_every_claims_tasks WHERE task = 'job'"
+        ).fetchall()
+    reader.close()
+    holder.close()
+    await store.aclose()
+    assert rows == [(0,)]
+
+
 async def test_a_run_record_that_opens_the_file_is_written_before_record_run_returns(
     tmp_path: Path, commits: list[str]
 ) -> None:

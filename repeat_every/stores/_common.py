@@ -399,6 +399,13 @@ class PerLoop(Generic[T]):
                 slot.value, slot.guard = value, guard
             return slot.value
 
+    def current(self) -> T | None:
+        """The running loop's client if it has one (none is made)."""
+        slot = self._slots.get(asyncio.get_running_loop())
+        if slot is None or slot.pid != os.getpid():
+            return None
+        return slot.value
+
     async def aclose(self) -> None:
         """Close the running loop's client (the others close when their loops end)."""
         slot = self._slots.pop(asyncio.get_running_loop(), None)

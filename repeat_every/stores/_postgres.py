@@ -333,6 +333,12 @@ class PostgresClaimStore:
         rows = await self._fetch(f"{self._status_sql} ORDER BY task")
         return [status_from_row(row) for row in rows]
 
+    async def flush(self) -> None:
+        """Write the run records this event loop still queues, and wait for them (and for
+        those already under way): `run_tasks` and `lifespan` call it after stopping their
+        tasks, so a shutdown loses none. Raises what the write raised."""
+        await self._records.flush()
+
     async def aclose(self) -> None:
         """Write the run records still queued, then close the pool the store made (not a given
         one); a later claim makes a new one.

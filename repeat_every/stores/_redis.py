@@ -324,6 +324,12 @@ class RedisClaimStore:
             rows = await within(self._timeout, pipe.execute())
         return [_status(name, fields) for name, fields in zip(names, rows, strict=True) if fields]
 
+    async def flush(self) -> None:
+        """Write the run records this event loop still queues, and wait for them (and for
+        those already under way): `run_tasks` and `lifespan` call it after stopping their
+        tasks, so a shutdown loses none. Raises what the write raised."""
+        await self._records.flush()
+
     async def aclose(self) -> None:
         """Write the run records still queued, then close the client the store made (not a
         given one); a later claim makes a new one.

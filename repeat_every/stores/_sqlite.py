@@ -316,6 +316,18 @@ class SQLiteClaimStore:
         rows = await self._read(lambda conn: conn.execute(sql).fetchall())
         return [status_from_row(row) for row in rows]
 
+    async def flush(self) -> None:
+        """Write what this event loop still queues (run records, notes of claims), and wait
+        for the store's thread to be done with it: `run_tasks` and `lifespan` call it after
+        stopping their tasks, so a shutdown loses none. Raises what SQLite raised."""
+        file = self._files.current()
+        if file is None:
+            return  # this loop never used the store: nothing is queued
+        if file.batch is not None:
+            self._flush(file)
+        if file.busy:
+            await file.submit(self, _nothing)  # runs after what the thread has queued
+
     async def aclose(self) -> None:
         """Write what is queued, close the file and end the store's thread (a later claim
         opens them again).

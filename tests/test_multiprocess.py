@@ -10,7 +10,8 @@ wall-clock instant in every process); each tick has exactly one winner, with ord
 and with catch-up claims (``if_newest``). And a frozen worker (SIGSTOP for longer than the
 claim's lifetime) does not run again, when it thaws, the tick it was waiting for, which its
 peer ran while its claim was still alive. And two workers with jitter, one of them stalled
-before every tick, never run a tick twice (issue 14).
+before every tick, never run a tick twice (issue 14). And three workers with 20 tasks each,
+whose tasks due at one instant claim together (``claim_many``), run each task once per tick.
 """
 
 from __future__ import annotations
@@ -178,6 +179,61 @@ def test_four_postgres_workers_run_each_tick_once_even_after_one_is_killed(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
     _run_workers("postgres", postgres_server.dsn, tmp_path)
+
+
+GROUP_WORKERS = 3
+GROUP_TASKS = 20
+
+
+def _run_grouped_workers(kind: str, target: str, folder: Path) -> None:
+    """Three workers, each with the same 20 tasks due at the same instants: in each worker the
+    first task to wake claims every task's tick in one claim_many call. Each (task, tick)
+    runs exactly once across the workers."""
+    task = f"grouped-{kind}-{uuid.uuid4().hex[:8]}"
+    files = [folder / f"grouped-{i}.log" for i in range(GROUP_WORKERS)]
+    workers = _start_workers(kind, target, task, files, "--tasks", str(GROUP_TASKS))
+    try:
+        window = Window(math.ceil(_tick_now()) + 1, 0)
+        time.sleep(TOGETHER)
+        window.last = math.floor(_tick_now()) - 1
+    finally:
+        _stop_workers(workers)
+    assert [w.returncode for w in workers] == [0] * GROUP_WORKERS
+    runs = [
+        (fields[1], fields[2], int(fields[3]))
+        for file in files
+        for fields in (line.split() for line in file.read_text().splitlines())
+        if fields[0] == "grun"
+    ]
+    per_run = Counter((name, tick) for _, name, tick in runs if tick in window.ticks())
+    names = [f"{task}-{i}" for i in range(GROUP_TASKS)]
+    expected = {(name, tick) for name in names for tick in window.ticks()}
+    winners = Counter(pid for pid, _, tick in runs if tick in window.ticks())
+    print(
+        f"\n{kind} grouped: ticks={len(window.ticks())} tasks={GROUP_TASKS} "
+        f"runs={sum(per_run.values())} runs per worker={sorted(winners.values())}"
+    )
+    assert len(window.ticks()) >= 5
+    assert sorted(per_run) == sorted(expected), "a (task, tick) ran nowhere"
+    assert [run for run, count in per_run.items() if count > 1] == []
+
+
+def test_sqlite_workers_claiming_together_run_each_task_once_per_tick(tmp_path: Path) -> None:
+    _run_grouped_workers("sqlite", str(tmp_path / "claims.db"), tmp_path)
+
+
+@pytest.mark.servers
+def test_redis_workers_claiming_together_run_each_task_once_per_tick(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    _run_grouped_workers("redis", redis_server.url, tmp_path)
+
+
+@pytest.mark.servers
+def test_postgres_workers_claiming_together_run_each_task_once_per_tick(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    _run_grouped_workers("postgres", postgres_server.dsn, tmp_path)
 
 
 def _race(kind: str, target: str, *extra: str) -> None:

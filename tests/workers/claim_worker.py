@@ -12,6 +12,9 @@ gracefully on SIGTERM or SIGINT, as a ``uvicorn --workers N`` worker would.
 The loop passes each tick's deadline to the claim (``deadline=``), and the store refuses a
 claim arriving after deadline + ttl; ``--no-deadline`` drops it on the way to the store.
 ``--catch-up GRACE`` starts the task with ``catch_up=True, misfire_grace=GRACE``.
+``--tasks N`` runs N tasks ``TASK-0`` … ``TASK-<N-1>`` on the store itself (no witness: the
+tasks due at one instant claim together, through ``claim_many``), and writes
+``grun <pid> <task> <tick>`` for every run, the tick read from the run's start event.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import signal
 import time
 from typing import TextIO
 
-from repeat_every import repeat_every, run_tasks
+from repeat_every import AttemptStarted, TaskEvent, add_listener, repeat_every, run_tasks
 from repeat_every.stores import (
     PostgresClaimStore,
     RedisClaimStore,
@@ -110,10 +113,14 @@ async def main(
     stall: float,
     deadline: bool,
     catch_up: float | None = None,
+    tasks: int = 1,
 ) -> None:
     store = make_store(kind, target)
     witness = Witness(store, forward=deadline)
     pid = os.getpid()
+    if tasks > 1:
+        await many_tasks(store, task, out, period, tasks)
+        return
 
     @repeat_every(
         seconds=period,
@@ -138,6 +145,32 @@ async def main(
         await stop.wait()
 
 
+async def many_tasks(store: Store, task: str, out: TextIO, period: float, tasks: int) -> None:
+    """``tasks`` tasks due at the same instants, claiming together (see ``--tasks``)."""
+    pid = os.getpid()
+
+    def witness(event: TaskEvent) -> None:
+        if isinstance(event, AttemptStarted) and not event.manual:
+            tick = round((event.wall - event.late) / period)  # the tick's due instant
+            out.write(f"grun {pid} {event.task} {tick}\n")
+
+    def make(name: str) -> object:
+        @repeat_every(seconds=period, store=store, name=name)
+        async def job() -> None:
+            pass
+
+        return job
+
+    add_listener(witness)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with store, run_tasks(*(make(f"{task}-{i}") for i in range(tasks))):  # type: ignore[arg-type]
+        out.write(f"ready {pid}\n")
+        await stop.wait()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("store", choices=["sqlite", "redis", "postgres"])
@@ -150,6 +183,7 @@ if __name__ == "__main__":
     parser.add_argument("--stall", type=float, default=0.0)
     parser.add_argument("--deadline", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--catch-up", type=float, default=None)
+    parser.add_argument("--tasks", type=int, default=1)
     args = parser.parse_args()
     with open(args.out, "a", buffering=1) as results:  # a line per write: whole lines only
         asyncio.run(
@@ -164,5 +198,6 @@ if __name__ == "__main__":
                 args.stall,
                 args.deadline,
                 args.catch_up,
+                args.tasks,
             )
         )

@@ -70,6 +70,20 @@ class _LoopEnd(Exception):
         self.error = error
 
 
+class _Rare:
+    """What few loops ever need, made on first use: 100,000 idle tasks carry one empty slot
+    instead of five (bench/, scale)."""
+
+    __slots__ = ("resumed_wall", "skip_logged_at", "skips_unlogged", "tick_waiter", "waiters")
+
+    def __init__(self) -> None:
+        self.tick_waiter: asyncio.Future[None] | None = None  # run_now() waiting for in_tick
+        self.waiters = 0  # callers of TaskHandle.wait(): they get the loop's exception
+        self.skip_logged_at: int | None = None  # when skipped ticks were last logged
+        self.skips_unlogged = 0
+        self.resumed_wall: float | None = None  # wall clock of the last resume() of a pause
+
+
 class Runner:
     """Owns one loop: its asyncio task, its counters, and the pipeline of each tick.
 
@@ -82,8 +96,6 @@ class Runner:
     # Slots: 100,000 idle tasks are a scenario we measure (bench/, scale).
     __slots__ = (
         "_random",
-        "_skip_logged_at",
-        "_skips_unlogged",
         "_sleep",
         "cancel_requested",
         "clock",
@@ -108,8 +120,8 @@ class Runner:
         "paused_ticks",
         "periodic",
         "preclaim",
+        "rare",
         "replan",
-        "resumed_wall",
         "retries",
         "runs",
         "schedule",
@@ -117,8 +129,6 @@ class Runner:
         "sleeping",
         "stop_requested",
         "task",
-        "tick_waiter",
-        "waiters",
     )
 
     def __init__(
@@ -147,14 +157,12 @@ class Runner:
         self.consecutive_failures = 0  # failed runs since the last successful one
         self.paused = False
         self.paused_ticks = 0
-        self.resumed_wall: float | None = None  # wall clock of the last resume() of a pause
         # Controls (see the methods that set them): ``held`` is true while the loop must not
         # start a tick's run (paused, or a run_now() run in progress: ``manual``); ``in_tick``
         # from the moment the loop takes a due tick until it waits for the next one.
         self.held = False
         self.in_tick = False
         self.manual: asyncio.Task[RunRecord] | None = None
-        self.tick_waiter: asyncio.Future[None] | None = None  # run_now() waiting for in_tick
         self.context: contextvars.Context | None = None  # the loop's, once it has started
         self.schedule: Schedule = self.opts.schedule  # the latest given (reschedule())
         self.replan: Schedule | None = None  # given, not yet in effect
@@ -162,13 +170,11 @@ class Runner:
         self.cancel_requested = False
         self.sleeping = False
         self.interrupting = False
-        self.waiters = 0
+        self.rare: _Rare | None = None  # made on first use (see _Rare)
         # A peer due at the same instant claimed this loop's tick (see _claim_group):
         # (the tick, the peer's Preclaim, this loop's index in it)
         self.preclaim: tuple[Tick, Preclaim, int] | None = None
         self._random: random.Random | None = None  # made on first use: 3 kB per task
-        self._skip_logged_at: int | None = None  # when skipped ticks were last logged
-        self._skips_unlogged = 0
         self._sleep: SleepFunc = clock.sleep
         # The asyncio task is named by the task's own name string (no string per task).
         self.task: asyncio.Task[None] = loop.create_task(self._main(), name=periodic.name)
@@ -276,7 +282,7 @@ class Runner:
 
     def pause(self, paused: bool) -> None:
         if self.paused and not paused:
-            self.resumed_wall = self.clock.wall()
+            self._rare().resumed_wall = self.clock.wall()
         self.paused = paused
         self.held = paused or self.manual is not None or self.replan is not None
 
@@ -296,9 +302,10 @@ class Runner:
             if self.manual is not None:
                 await asyncio.wait((self.manual,))
             elif self.in_tick:
-                if self.tick_waiter is None:
-                    self.tick_waiter = self.loop.create_future()
-                await asyncio.shield(self.tick_waiter)
+                rare = self._rare()
+                if rare.tick_waiter is None:
+                    rare.tick_waiter = self.loop.create_future()
+                await asyncio.shield(rare.tick_waiter)
             else:
                 break
         manual = self.context.run(self._start_manual)
@@ -521,7 +528,7 @@ class Runner:
                 self.next = tick
                 if self.in_tick:
                     self.in_tick = False
-                    if self.tick_waiter is not None:
+                    if self.rare is not None:  # a run_now() may wait for the tick's end
                         self._tick_over()
                     if self.replan is not None:  # rescheduled during the run
                         t = now()
@@ -719,15 +726,27 @@ class Runner:
     def _tick_over(self) -> None:
         """The loop is done with its tick (run, or not): wake a run_now() that waits for it."""
         self.in_tick = False
-        waiter = self.tick_waiter
-        if waiter is not None:
-            self.tick_waiter = None
+        rare = self.rare
+        if rare is not None and (waiter := rare.tick_waiter) is not None:
+            rare.tick_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
 
     def _stopping(self) -> bool:
         # A method, not the attribute: stop() may set it while the loop awaits (mypy narrows).
         return self.stop_requested
+
+    def _rare(self) -> _Rare:
+        """The loop's rarely needed state, made now if it has none."""
+        rare = self.rare
+        if rare is None:
+            rare = self.rare = _Rare()
+        return rare
+
+    @property
+    def resumed_wall(self) -> float | None:
+        """Wall-clock instant of the last resume() of a pause (``None``: never resumed)."""
+        return None if self.rare is None else self.rare.resumed_wall
 
     def _rng(self) -> random.Random:
         """The task's random source (jitter, retry jitter), seeded by ``seed``."""
@@ -742,22 +761,23 @@ class Runner:
         add to the load that made them late; the count on the handle stays exact.
         """
         self.skipped += skipped
-        self._skips_unlogged += skipped
+        rare = self._rare()
+        rare.skips_unlogged += skipped
         if _listeners:
             self._emit_skipped("overrun", skipped)
-        if self._skip_logged_at is not None and now - self._skip_logged_at < _SKIP_LOG_EVERY:
+        if rare.skip_logged_at is not None and now - rare.skip_logged_at < _SKIP_LOG_EVERY:
             return
         self._logger().warning(
             "%s: the run took longer than its period; skipped %d tick(s)%s",
             self.name,
             skipped,
             ""
-            if self._skips_unlogged == skipped
-            else f" ({self._skips_unlogged} since the last report a minute ago or more)",
-            extra=self._extra(skipped=("overrun", self._skips_unlogged)),
+            if rare.skips_unlogged == skipped
+            else f" ({rare.skips_unlogged} since the last report a minute ago or more)",
+            extra=self._extra(skipped=("overrun", rare.skips_unlogged)),
         )
-        self._skip_logged_at = now
-        self._skips_unlogged = 0
+        rare.skip_logged_at = now
+        rare.skips_unlogged = 0
 
     # -- claim ---------------------------------------------------------------------------------
 
@@ -1313,7 +1333,7 @@ class Runner:
     def _end_with(self, error: BaseException) -> None:
         """The loop ends with ``error``: keep it for wait(), or hand it to the event loop."""
         self.exception = error
-        if self.waiters == 0 and not self.loop.is_closed():
+        if (self.rare is None or self.rare.waiters == 0) and not self.loop.is_closed():
             # No "task" key: this runs inside the task, and on Python ≥ 3.12 the event loop
             # would run a custom handler in that task's context, which is already entered
             # ("cannot enter context"): the handler would never see the exception.

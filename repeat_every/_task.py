@@ -355,11 +355,12 @@ class TaskHandle:
         waiter does not cancel the loop.
         """
         runner = self._runner
-        runner.waiters += 1
+        rare = runner._rare()
+        rare.waiters += 1
         try:
             await runner.join()
         finally:
-            runner.waiters -= 1
+            rare.waiters -= 1
         if runner.exception is not None:
             raise runner.exception
 

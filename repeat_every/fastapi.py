@@ -559,12 +559,13 @@ class _View:
         since = _utc(since_ns)
         grace = _utc(round(handle._start_wall * NS) + _first_delay(handle.task.schedule))
         resumed = handle._runner.resumed_wall  # the ticks of a pause are not failures
-        if resumed is not None and _utc(round(resumed * NS)) > grace:
-            grace = _utc(round(resumed * NS))
+        resumed_at = None if resumed is None else _utc(round(resumed * NS))
+        if resumed_at is not None and resumed_at > grace:
+            grace = resumed_at
         if latest is not None and latest >= since:
             return verdict(True, f"ok: last success at {latest.isoformat()} {where}", since)
         if grace >= since:
-            if resumed is not None and grace == _utc(round(resumed * NS)):
+            if grace == resumed_at:
                 return verdict(
                     True, f"ok: resumed at {grace.isoformat()}; its grace runs from then", since
                 )

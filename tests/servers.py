@@ -422,3 +422,15 @@ def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL server for the whole test session."""
     with _running(PostgresServer(), "PostgreSQL") as server:
         yield server
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("redis", marks=pytest.mark.servers),
+        pytest.param("postgres", marks=pytest.mark.servers),
+    ]
+)
+def network_server(request: pytest.FixtureRequest) -> tuple[str, RedisServer | PostgresServer]:
+    """Each server of the session in turn, with its kind (``"redis"``, ``"postgres"``)."""
+    kind: str = request.param
+    return kind, request.getfixturevalue(f"{kind}_server")

@@ -86,21 +86,11 @@ class Stores:
             await made.aclose()
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("redis", marks=pytest.mark.servers),
-        pytest.param("postgres", marks=pytest.mark.servers),
-    ]
-)
-def server(request: pytest.FixtureRequest) -> tuple[str, RedisServer | PostgresServer]:
-    """The session's server of each kind (started outside the event loop)."""
-    kind: str = request.param
-    return kind, request.getfixturevalue(f"{kind}_server")
-
-
 @pytest.fixture
-async def stores(server: tuple[str, RedisServer | PostgresServer]) -> AsyncIterator[Stores]:
-    made = Stores(*server)
+async def stores(
+    network_server: tuple[str, RedisServer | PostgresServer],
+) -> AsyncIterator[Stores]:
+    made = Stores(*network_server)
     yield made
     await made.aclose()
 

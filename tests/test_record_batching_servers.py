@@ -108,21 +108,11 @@ class Server:
             await made.aclose()
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("redis", marks=pytest.mark.servers),
-        pytest.param("postgres", marks=pytest.mark.servers),
-    ]
-)
-def kind(request: pytest.FixtureRequest) -> tuple[str, RedisServer | PostgresServer]:
-    """The session's server of each kind (started outside the event loop)."""
-    name: str = request.param
-    return name, request.getfixturevalue(f"{name}_server")
-
-
 @pytest.fixture
-async def server(kind: tuple[str, RedisServer | PostgresServer]) -> AsyncIterator[Server]:
-    made = Server(*kind)
+async def server(
+    network_server: tuple[str, RedisServer | PostgresServer],
+) -> AsyncIterator[Server]:
+    made = Server(*network_server)
     yield made
     await made.aclose()
 

@@ -74,7 +74,8 @@ class PostgresClaimStore:
       `statuses` and `aclose` write the queued records first, so they always see them. A
       queued record whose write fails is logged at WARNING (``could not write the run
       records of …``, naming the tasks) and dropped, as the task loop does when `record_run`
-      raises. Records still queued or on their way when the event loop ends without
+      raises. `flush` writes them and waits (`run_tasks` and `lifespan` call it once their
+      tasks stop): records still queued when the event loop ends without `flush` or
       `aclose` may be lost.
     - **The tables are made for you.** ``table`` and ``<table>_tasks`` are created if missing,
       on the first claim, under an advisory lock so that many workers starting at once do

@@ -146,7 +146,8 @@ class RedisClaimStore:
       `statuses` and `aclose` write the queued records first, so they always see them. A
       queued record whose write fails is logged at WARNING (``could not write the run
       records of …``, naming the tasks) and dropped, as the task loop does when `record_run`
-      raises. Records still queued or on their way when the event loop ends without
+      raises. `flush` writes them and waits (`run_tasks` and `lifespan` call it once their
+      tasks stop): records still queued when the event loop ends without `flush` or
       `aclose` may be lost.
     - **Lazy and self-healing.** Given a ``url``, the store makes its own client on the first
       claim (one per event loop, and a new one in a forked process, each closed when its

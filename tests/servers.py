@@ -34,7 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +389,30 @@ class Gate:
             pass
         finally:
             writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a hung or
+    overloaded server): yields its port. On exit it stops accepting, then closes every
+    connection it took, those still being accepted included (no socket is left for the
+    garbage collector to report during a later test)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read()  # until the client gives up, or the exit aborts it
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for _ in range(3):  # connections accepted just before: their handlers run first
+            await asyncio.sleep(0)
+        for writer in writers:
+            writer.transport.abort()
+        await server.wait_closed()
 
 
 # -- pytest fixtures -----------------------------------------------------------------------

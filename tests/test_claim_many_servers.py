@@ -21,7 +21,7 @@ import asyncpg  # type: ignore[import-untyped,unused-ignore]
 import pytest
 import redis.asyncio
 import redis.exceptions
-from servers import PostgresServer, RedisServer, free_port
+from servers import PostgresServer, RedisServer, free_port, silent_server
 
 from repeat_every.stores import PostgresClaimStore, RedisClaimStore
 from repeat_every.stores._common import owner
@@ -288,32 +288,20 @@ async def test_an_unreachable_server_raises_what_claim_raises_without_the_passwo
 async def test_claim_many_gives_up_after_the_stores_timeout_when_the_server_never_answers(
     stores: Stores, task: Callable[[str], str]
 ) -> None:
-    # A server that accepts connections and then says nothing (a hung or overloaded one).
-    writers: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await reader.read()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    url = (
-        f"redis://127.0.0.1:{port}/0"
-        if stores.kind == "redis"
-        else f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    )
-    store = stores.at(url, timeout=0.2)
-    started = time.monotonic()
-    try:
-        with pytest.raises((TimeoutError, asyncio.TimeoutError, redis.exceptions.TimeoutError)):
-            await store.claim_many([(task("x"), n, 60.0, time.time()) for n in range(100)])
-        assert time.monotonic() - started < 3  # not the drivers' defaults (none, or 60 s)
-    finally:
-        await store.aclose()
-        for writer in writers:
-            writer.transport.abort()
-        server.close()
-        await server.wait_closed()
+    async with silent_server() as port:  # a hung or overloaded server
+        url = (
+            f"redis://127.0.0.1:{port}/0"
+            if stores.kind == "redis"
+            else f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        )
+        store = stores.at(url, timeout=0.2)
+        started = time.monotonic()
+        try:
+            with pytest.raises((TimeoutError, asyncio.TimeoutError, redis.exceptions.TimeoutError)):
+                await store.claim_many([(task("x"), n, 60.0, time.time()) for n in range(100)])
+            assert time.monotonic() - started < 3  # not the drivers' defaults (none, or 60 s)
+        finally:
+            await store.aclose()
 
 
 # -- Redis only: the script cache and errors of the server ----------------------------------

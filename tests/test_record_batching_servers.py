@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped,unused-ignore]
 import pytest
 import redis.asyncio
-from servers import PostgresServer, RedisServer, free_port
+from servers import PostgresServer, RedisServer, free_port, silent_server
 
 from repeat_every import repeat_every, run_tasks
 from repeat_every.stores import PostgresClaimStore, RedisClaimStore
@@ -303,38 +303,27 @@ async def test_a_queued_record_that_fails_is_logged_naming_its_tasks_and_never_r
 async def test_queued_records_give_up_after_the_stores_timeout_when_the_server_never_answers(
     server: Server, task: Callable[[str], str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A server that accepts connections and then says nothing (a hung or overloaded one).
-    writers: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await reader.read()
-
-    listening = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = listening.sockets[0].getsockname()[1]
-    store: Store = (
-        RedisClaimStore(f"redis://127.0.0.1:{port}/0", timeout=0.2)
-        if server.kind == "redis"
-        else PostgresClaimStore(f"postgresql://postgres@127.0.0.1:{port}/postgres", timeout=0.2)
-    )
-    started = time.monotonic()
-    try:
-        results = await asyncio.gather(
-            *(store.record_run(task(f"job{n}"), 1, time.time(), 0.1) for n in range(3)),
-            return_exceptions=True,
+    async with silent_server() as port:  # a hung or overloaded server
+        store: Store = (
+            RedisClaimStore(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+            if server.kind == "redis"
+            else PostgresClaimStore(f"postgresql://postgres@127.0.0.1:{port}/postgres", timeout=0.2)
         )
-        await store.aclose()
-        assert time.monotonic() - started < 3  # not the drivers' defaults (none, or 60 s)
-        assert results[1:] == [None, None]
-        assert any(
-            r.levelno == logging.WARNING and task("job2") in r.getMessage() for r in caplog.records
-        )
-    finally:
-        await store.aclose()
-        for writer in writers:
-            writer.transport.abort()
-        listening.close()
-        await listening.wait_closed()
+        started = time.monotonic()
+        try:
+            results = await asyncio.gather(
+                *(store.record_run(task(f"job{n}"), 1, time.time(), 0.1) for n in range(3)),
+                return_exceptions=True,
+            )
+            await store.aclose()
+            assert time.monotonic() - started < 3  # not the drivers' defaults (none, or 60 s)
+            assert results[1:] == [None, None]
+            assert any(
+                r.levelno == logging.WARNING and task("job2") in r.getMessage()
+                for r in caplog.records
+            )
+        finally:
+            await store.aclose()
 
 
 async def test_aclose_writes_the_queued_records_first(

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 import redis.asyncio
 import redis.exceptions
-from servers import Gate, PostgresServer, RedisServer, free_port
+from servers import Gate, PostgresServer, RedisServer, free_port, silent_server
 
 from repeat_every import ClaimStore, repeat_every
 from repeat_every.stores import (
@@ -343,31 +343,19 @@ async def test_a_malformed_claim_is_refused(backend: Backend) -> None:
 async def test_a_claim_gives_up_after_its_timeout_when_the_server_never_answers(
     kind: str,
 ) -> None:
-    # A server that accepts connections and then says nothing (a hung or overloaded one).
-    writers: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        await reader.read()  # until the client gives up and closes
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    store: Store = (
-        RedisClaimStore(f"redis://127.0.0.1:{port}/0", timeout=0.2)
-        if kind == "redis"
-        else PostgresClaimStore(f"postgresql://postgres@127.0.0.1:{port}/postgres", timeout=0.2)
-    )
-    started = time.monotonic()
-    try:
-        with pytest.raises((TimeoutError, asyncio.TimeoutError, redis.exceptions.TimeoutError)):
-            await store.claim("job", 1, 60)
-        assert time.monotonic() - started < 3  # not the drivers' defaults (none, or 60 s)
-    finally:
-        await store.aclose()
-        for writer in writers:
-            writer.transport.abort()
-        server.close()
-        await server.wait_closed()
+    async with silent_server() as port:  # a hung or overloaded server
+        store: Store = (
+            RedisClaimStore(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+            if kind == "redis"
+            else PostgresClaimStore(f"postgresql://postgres@127.0.0.1:{port}/postgres", timeout=0.2)
+        )
+        started = time.monotonic()
+        try:
+            with pytest.raises((TimeoutError, asyncio.TimeoutError, redis.exceptions.TimeoutError)):
+                await store.claim("job", 1, 60)
+            assert time.monotonic() - started < 3  # not the drivers' defaults (none, or 60 s)
+        finally:
+            await store.aclose()
 
 
 # -- a task with a store, under the fake clock -----------------------------------------------
